@@ -20,6 +20,7 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8") -> I
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; artefacts should be as readable as any file
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
@@ -30,6 +31,12 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8") -> I
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: set up (idempotent), then run the whole suite. Extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
+       TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+start=$(date +%s)
+.venv/bin/python -m pytest -p no:cacheprovider --timeout 900 "$@"
+rc=$?
+echo "tests: pytest exit $rc after $(( $(date +%s) - start )) s"
+if [ $rc -eq 5 ]; then echo "tests: pytest collected no tests: failing the run" >&2; exit 1; fi
+exit $rc

@@ -1,0 +1,122 @@
+"""Drop-in entry point for `openrlhf.cli.train_dpo`, plus the `--sera.*` flags.
+
+    python -m sera_openrlhf.cli.train_dpo <every stock OpenRLHF DPO flag> [--sera.* flags]
+    torchrun --nproc_per_node 2 -m sera_openrlhf.cli.train_dpo ...
+    deepspeed --module sera_openrlhf.cli.train_dpo ...
+
+- no `--sera.*` flag: OpenRLHF's own `train()` runs unchanged (on CPU with the compatibility layer);
+- `--sera.*` flags without `--sera.enable`: one DAA training run with SeRA's trainer (loss choice, reference
+  cache);
+- `--sera.enable`: the SeRA loop (sera_openrlhf.loop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from sera_openrlhf.errors import ConfigError, SeraError
+
+
+def build_parser():
+    from sera_openrlhf.cli.flags import add_sera_args
+    from sera_openrlhf.openrlhf_adapter.args import build_stock_parser
+
+    parser = build_stock_parser()
+    parser.prog = "python -m sera_openrlhf.cli.train_dpo"
+    add_sera_args(parser)
+    return parser
+
+
+def parse_args(argv):
+    from sera_openrlhf.openrlhf_adapter.args import postprocess_stock_args
+
+    flat = build_parser().parse_args(argv)
+    args = postprocess_stock_args(flat)
+    # dotted flags may also be given as --flag=value
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    args._attn_defaulted = "--ds.attn_implementation" not in given
+    args._sera_active = any(a.startswith("--sera.") for a in given)
+    return args
+
+
+def check_model_dir(path, flag: str, trust_remote_code: bool) -> None:
+    """A missing model is a one-line error, and custom modelling code needs an explicit opt-in."""
+    if not path:
+        raise ConfigError(f"{flag} is required")
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        if os.path.exists(config):
+            with open(config, encoding="utf-8") as f:
+                auto_map = json.load(f).get("auto_map")
+            if auto_map and not trust_remote_code:
+                raise ConfigError(
+                    f"{flag} {path} ships custom model code (auto_map in config.json: {sorted(auto_map)}); "
+                    "OpenRLHF would run it with trust_remote_code=True. Pass --sera.trust_remote_code if you "
+                    "trust it."
+                )
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
+    if offline or looks_local:
+        raise ConfigError(f"{flag} {path}: no such model directory")
+
+
+def run(args) -> None:
+    from sera_openrlhf.openrlhf_adapter.compat import check_cpu_args
+
+    for notice in check_cpu_args(args):
+        print(f"[sera-openrlhf] {notice}", flush=True)
+    trust = args.sera.trust_remote_code
+    check_model_dir(args.model.model_name_or_path, "--model.model_name_or_path", trust)
+    check_model_dir(args.ref.model_name_or_path, "--ref.model_name_or_path", trust)
+    if not args.data.dataset:
+        raise ConfigError("--data.dataset is required")
+
+    if not args._sera_active:
+        from openrlhf.cli.train_dpo import train
+
+        train(args)
+        print(f"[sera-openrlhf] model saved to {os.path.abspath(args.ckpt.output_dir)}", flush=True)
+    elif args.sera.enable:
+        from sera_openrlhf.loop import run_sera
+
+        run_sera(args)
+    else:
+        train_once(args)
+
+
+def train_once(args) -> None:
+    from sera_openrlhf.loop import load_offline_rows
+    from sera_openrlhf.openrlhf_adapter.train import loss_from_args, setup_strategy, train_policy
+
+    daa_loss = loss_from_args(args)
+    rows, use_prompt_key, _ = load_offline_rows(args)
+    strategy = setup_strategy(args)
+    stats = train_policy(
+        args, strategy, policy_path=args.model.model_name_or_path, ref_path=args.ref.model_name_or_path,
+        rows=rows, output_dir=args.ckpt.output_dir, daa_loss=daa_loss, use_prompt_key=use_prompt_key,
+        use_ref_cache=args.sera.ref_cache != "off", cache_dir=args.sera.cache_dir,
+    )
+    if strategy.is_rank_0():
+        print(f"[sera-openrlhf] {json.dumps(stats)}", flush=True)
+        print(f"[sera-openrlhf] model saved to {os.path.abspath(args.ckpt.output_dir)}", flush=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from sera_openrlhf.openrlhf_adapter import compat
+
+    try:
+        compat.set_launch_env_defaults()
+        compat.apply()  # before anything imports openrlhf.models
+        run(parse_args(argv))
+    except SeraError as e:
+        print(f"sera-openrlhf: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Self-generation for SeRA-PB from a saved policy checkpoint.
+
+Rank 0 generates (HF `generate`, or vLLM on GPU) and broadcasts the samples, so every rank holds the same
+set. The policy is re-loaded from the iteration's HF checkpoint, which is also what a vLLM engine needs.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.distributed as dist
+
+from sera_openrlhf.generation import GenerationConfig, build_generator
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def generation_config(args, seed: int) -> GenerationConfig:
+    s = args.sera
+    cfg = GenerationConfig(num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
+                           max_new_tokens=s.max_new_tokens, seed=seed, batch_size=s.generation_batch_size)
+    cfg.validate()
+    return cfg
+
+
+def generate_samples(args, strategy, model_path: str, prompts: list, seed: int):
+    """P lists of S `Sample`s for the given (already formatted) prompts."""
+    cfg = generation_config(args, seed)
+    samples = None
+    if strategy.is_rank_0():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.sera.trust_remote_code)
+        if tokenizer.pad_token is None:  # as OpenRLHF's get_tokenizer does
+            tokenizer.pad_token = tokenizer.eos_token
+        if args.sera.generation_backend == "vllm":
+            gen = build_generator("vllm", tokenizer, cfg, model_path=model_path,
+                                  tensor_parallel_size=args.sera.vllm_tensor_parallel_size,
+                                  gpu_memory_utilization=args.sera.vllm_gpu_memory_utilization)
+            samples = gen.generate(prompts)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=_DTYPES[args.ds.param_dtype], trust_remote_code=args.sera.trust_remote_code,
+                attn_implementation=args.ds.attn_implementation,
+            )
+            if torch.cuda.is_available():
+                model = model.to(torch.cuda.current_device())
+            samples = build_generator("hf", tokenizer, cfg, model=model).generate(prompts)
+            del model
+            gc.collect()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [samples]
+        dist.broadcast_object_list(box, src=0)
+        samples = box[0]
+    return samples

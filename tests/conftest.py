@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny pretrained Llama with its tokenizer, tiny preference data, and a CLI runner.
+
+The model is built once per session (seconds) from a config: no downloads anywhere in the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sera_openrlhf import testing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for k, v in ENV.items():
+    os.environ.setdefault(k, v)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny_llama"))
+    return testing.build_tiny_llama(path, pretrain_steps=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny_data") / "pairs.jsonl"
+    return testing.write_jsonl(str(path), testing.preference_pairs(64, seed=1))
+
+
+def base_flags(model: str, data: str, out: str, *extra: str) -> list[str]:
+    return [
+        "--model.model_name_or_path", model, "--data.dataset", data, "--data.prompt_key", "prompt",
+        "--data.max_len", "64", "--train.batch_size", "8", "--train.micro_batch_size", "4",
+        "--train.max_epochs", "1", "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--adam.lr", "1e-3",
+        "--ckpt.output_dir", out, *extra,
+    ]
+
+
+def run_cli(args, launcher=None, timeout=600, env=None, check=True) -> subprocess.CompletedProcess:
+    """Run `python -m sera_openrlhf.cli.train_dpo ARGS` (or under `launcher`, e.g. torchrun) in a subprocess."""
+    cmd = (launcher or [sys.executable, "-m"]) + ["sera_openrlhf.cli.train_dpo", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **ENV, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
