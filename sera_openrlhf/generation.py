@@ -1,0 +1,233 @@
+"""Sampling N responses per prompt for preference bootstrapping, behind one interface.
+
+- `HFGenerator`: transformers `generate`, batched and left-padded; CPU or GPU (wherever the model lives).
+- `VLLMGenerator`: vLLM's offline engine (GPU only). `vllm` is imported only when this backend builds its
+  engine, so importing this module never pulls in vllm or ray.
+
+Both return `generate(prompts)[p][s]` = `Sample` for prompt p, sample s. Prompts are fully formatted strings
+(chat template applied upstream) and are tokenised with add_special_tokens=False by both backends, so the
+same prompt gives the same token ids whichever backend runs. Both use plain temperature / top-p sampling
+(no top-k), temperature 0 meaning greedy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings shared by the backends; field <name> is the flag `--sera.<name>`, except batch_size
+    (`--sera.generation_batch_size`)."""
+
+    num_samples: int = field(default=4, metadata={"help": "responses sampled per prompt (N of SeRA-PB)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold in (0, 1]"})
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "response length cap; a response without EOS within it is 'truncated'"}
+    )
+    seed: int = field(
+        default=42, metadata={"help": "sampling seed; the same seed (and batch size) gives the same samples"}
+    )
+    batch_size: int = field(
+        default=16, metadata={"help": "HF backend: sequences (prompts x samples) per generate call"}
+    )
+
+    def validate(self) -> None:
+        for name, flag in (("num_samples", "num_samples"), ("max_new_tokens", "max_new_tokens"),
+                           ("batch_size", "generation_batch_size")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--sera.{flag} must be an integer >= 1, got {value!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--sera.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"--sera.top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class Sample:
+    """One sampled response."""
+
+    prompt_index: int
+    sample_index: int
+    text: str  # decoded response, special tokens skipped
+    token_ids: list[int]  # response tokens without padding, including the EOS if one was produced
+    truncated: bool  # no EOS within max_new_tokens
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Ids that end a response: the model's generation-config EOS (chat models often list several) plus the
+    tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos) if isinstance(eos, (list, tuple)) else ({int(eos)} if eos is not None else set())
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ConfigError("the tokenizer has no eos_token and the model's generation_config names none")
+    return ids
+
+
+def _cut_at_eos(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    """Response ids up to and including the first EOS (dropping the padding after it); (ids, truncated)."""
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1], False
+    return ids, True
+
+
+class HFGenerator:
+    """Batched sampling with transformers' `generate`.
+
+    Requests (prompt p, sample s) are flattened prompt-major and cut into batches of `config.batch_size`
+    sequences, each left-padded (so every sequence's last prompt token sits at the same position). Batch b is
+    sampled under torch seed `config.seed + b` inside `torch.random.fork_rng`, so the same seed gives the same
+    samples and the caller's RNG state is untouched. Samples depend on batch_size (a different batching draws
+    the random numbers in a different order), so keep it fixed to reproduce a run.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: GenerationConfig, progress: bool = True):
+        config.validate()
+        self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
+
+    def generate(self, prompts: list[str]) -> list[list[Sample]]:
+        """P prompts → P lists of `config.num_samples` Samples."""
+        cfg, tok, model = self.config, self.tokenizer, self.model
+        prompt_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise ValueError(f"prompt {i} tokenises to zero tokens")
+        eos = _eos_ids(model, tok)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+        device = next(model.parameters()).device
+        gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos))
+        if cfg.temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        else:
+            gen_kwargs.update(do_sample=False)
+
+        requests = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
+        batches = [requests[i : i + cfg.batch_size] for i in range(0, len(requests), cfg.batch_size)]
+        out: list[list[Sample | None]] = [[None] * cfg.num_samples for _ in prompts]
+        was_training = model.training
+        model.eval()
+        try:
+            for b, batch in enumerate(tqdm(batches, desc="generate", disable=not self.progress)):
+                rows = [prompt_ids[p] for p, _ in batch]
+                width = max(len(r) for r in rows)
+                # Left padding by hand: works for tokenizers without a pad token and leaves the tokenizer as is.
+                input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+                attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+                devices = [device] if device.type == "cuda" else []
+                with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(cfg.seed + b)
+                    seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+                responses = [_cut_at_eos(row, eos) for row in seqs[:, width:].tolist()]
+                texts = tok.batch_decode([ids for ids, _ in responses], skip_special_tokens=True)
+                for (p, s), (ids, truncated), text in zip(batch, responses, texts):
+                    out[p][s] = Sample(p, s, text, ids, truncated)
+        finally:
+            model.train(was_training)
+        return out  # type: ignore[return-value]
+
+
+def vllm_sampling_params(**kwargs: Any) -> Any:
+    """`vllm.SamplingParams(**kwargs)`; the default factory of `VLLMGenerator` (tests pass their own)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(**kwargs)
+
+
+class VLLMGenerator:
+    """Sampling with vLLM's offline engine `vllm.LLM` (GPU only).
+
+    `engine`: an object with vLLM's `.generate(prompts, sampling_params)` API; when None, `vllm.LLM` is built
+    from `model_path` (an HF checkpoint directory, e.g. the iteration's saved policy). Prompts are passed as
+    token ids (tokenised like the HF backend), and responses are decoded with `tokenizer`, so both backends
+    produce identical text for identical token ids. vLLM draws the n samples of a request from one generator
+    seeded with `config.seed`.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        config: GenerationConfig,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        engine: Any = None,
+        sampling_params_factory: Callable[..., Any] | None = None,
+        **engine_kwargs: Any,
+    ):
+        config.validate()
+        self.tokenizer, self.config = tokenizer, config
+        self.sampling_params_factory = sampling_params_factory or vllm_sampling_params
+        if engine is None:
+            try:
+                import vllm
+            except ImportError as e:
+                raise ImportError(
+                    "the vLLM generation backend needs the vllm package: install vllm (GPU only) or use "
+                    "--sera.generation_backend hf"
+                ) from e
+            engine = vllm.LLM(
+                model=model_path,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                seed=config.seed,
+                **engine_kwargs,
+            )
+        self.engine = engine
+
+    def generate(self, prompts: list[str]) -> list[list[Sample]]:
+        """P prompts → P lists of `config.num_samples` Samples."""
+        cfg = self.config
+        params = self.sampling_params_factory(
+            n=cfg.num_samples,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+        )
+        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        outputs = self.engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        result = []
+        for p, request_output in enumerate(outputs):
+            completions = sorted(request_output.outputs, key=lambda c: c.index)
+            token_ids = [list(c.token_ids) for c in completions]
+            texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+            result.append(
+                [Sample(p, s, texts[s], token_ids[s], c.finish_reason == "length") for s, c in enumerate(completions)]
+            )
+        return result
+
+
+def build_generator(
+    backend: str,
+    tokenizer: Any,
+    config: GenerationConfig,
+    model: Any = None,
+    model_path: str | None = None,
+    **kwargs: Any,
+) -> HFGenerator | VLLMGenerator:
+    """"hf" → HFGenerator(model, …); "vllm" → VLLMGenerator(model_path, …, **kwargs)."""
+    if backend == "hf":
+        if model is None:
+            raise ValueError("the hf generation backend needs a loaded model")
+        return HFGenerator(model, tokenizer, config, **kwargs)
+    if backend == "vllm":
+        if model_path is None and kwargs.get("engine") is None:
+            raise ValueError("the vllm generation backend needs model_path (an HF checkpoint directory)")
+        return VLLMGenerator(model_path, tokenizer, config, **kwargs)
+    raise ConfigError(f"--sera.generation_backend must be one of {BACKENDS}, got {backend!r}")
