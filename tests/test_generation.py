@@ -1,0 +1,260 @@
+"""Generation backends on a tiny random Llama and a tokenizer trained in the test (no downloads)."""
+
+import importlib.util
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sera_openrlhf.errors import ConfigError
+from sera_openrlhf.generation import (
+    GenerationConfig,
+    HFGenerator,
+    Sample,
+    VLLMGenerator,
+    build_generator,
+)
+
+CORPUS = [
+    "The movie was wonderful and the actors were great.",
+    "I did not like the ending, it felt rushed and flat.",
+    "What a lovely day for a walk in the park with friends.",
+    "User: tell me a story. Assistant: Once upon a time there was a small robot.",
+] * 20
+PROMPTS = ["User: hi\nAssistant:", "User: tell me a story about a robot in the park\nAssistant:", "The movie"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def make_model(tok, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=256, initializer_range=0.3,  # peaked logits: stable greedy
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return make_model(tok)
+
+
+def gen(model, tok, prompts=PROMPTS, **cfg):
+    return HFGenerator(model, tok, GenerationConfig(**cfg), progress=False).generate(prompts)
+
+
+def ids_of(samples):
+    return [[s.token_ids for s in row] for row in samples]
+
+
+class EosBias:
+    """Adds `bias` to the EOS logit (forward hook on lm_head) to make EOS likely, certain or impossible."""
+
+    def __init__(self, model, eos_id, bias):
+        self.model, self.eos_id, self.bias = model, eos_id, bias
+
+    def __enter__(self):
+        def hook(module, inputs, logits):
+            logits = logits.clone()
+            logits[..., self.eos_id] += self.bias
+            return logits
+
+        self.handle = self.model.lm_head.register_forward_hook(hook)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+# --------------------------------------------------------------------------------------------- HF backend
+
+
+def test_shapes_indices_and_decoding(model, tok):
+    out = gen(model, tok, num_samples=2, max_new_tokens=6, batch_size=4)  # batches cross prompt boundaries
+    assert len(out) == len(PROMPTS) and all(len(row) == 2 for row in out)
+    for p, row in enumerate(out):
+        for s, sample in enumerate(row):
+            assert isinstance(sample, Sample) and (sample.prompt_index, sample.sample_index) == (p, s)
+            assert 1 <= len(sample.token_ids) <= 6 and tok.pad_token_id not in sample.token_ids
+            assert sample.text == tok.decode(sample.token_ids, skip_special_tokens=True)
+
+
+def test_truncation_flag(model, tok):
+    eos = tok.eos_token_id
+    with EosBias(model, eos, -1e4):  # EOS impossible → every response hits max_new_tokens
+        out = gen(model, tok, num_samples=2, max_new_tokens=3)
+    assert all(s.truncated and len(s.token_ids) == 3 for row in out for s in row)
+
+    with EosBias(model, eos, 1e4):  # EOS first → empty text, EOS kept in token_ids
+        out = gen(model, tok, num_samples=2, max_new_tokens=3)
+    assert all(not s.truncated and s.token_ids == [eos] and s.text == "" for row in out for s in row)
+
+    with EosBias(model, eos, 4.0):  # EOS likely but not certain: a mix, padding after EOS stripped
+        out = gen(model, tok, num_samples=4, max_new_tokens=8, batch_size=12)
+    samples = [s for row in out for s in row]
+    assert {s.truncated for s in samples} == {True, False}
+    for s in samples:
+        if s.truncated:
+            assert len(s.token_ids) == 8 and eos not in s.token_ids
+        else:
+            assert s.token_ids[-1] == eos and eos not in s.token_ids[:-1]
+
+
+def test_left_padding_matches_unpadded_greedy(model, tok, monkeypatch):
+    """With greedy decoding, a prompt padded in a batch must continue exactly like the prompt alone, which only
+    holds with left padding (right padding would make the model continue after the pad tokens)."""
+    alone = [gen(model, tok, [p], num_samples=1, temperature=0.0, max_new_tokens=8, batch_size=1)[0][0].token_ids
+             for p in PROMPTS]
+
+    seen = {}
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    batched = gen(model, tok, num_samples=1, temperature=0.0, max_new_tokens=8, batch_size=8)
+    assert [row[0].token_ids for row in batched] == alone
+    mask = seen["attention_mask"]
+    assert mask[:, -1].all() and not mask[:, 0].all()  # pads on the left only
+    assert seen["do_sample"] is False
+
+
+def test_seed_reproducibility_and_rng_untouched(model, tok):
+    state = torch.get_rng_state()
+    a = gen(model, tok, num_samples=3, max_new_tokens=8, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is not consumed
+    b = gen(model, tok, num_samples=3, max_new_tokens=8, seed=7)
+    c = gen(model, tok, num_samples=3, max_new_tokens=8, seed=8)
+    assert ids_of(a) == ids_of(b)
+    assert ids_of(a) != ids_of(c)
+
+
+def test_tokenizer_and_model_state_restored(model, tok):
+    tok.padding_side = "right"
+    model.train()
+    gen(model, tok, num_samples=1, max_new_tokens=2)
+    assert tok.padding_side == "right" and model.training
+    model.eval()
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [(dict(num_samples=0), "--sera.num_samples"), (dict(top_p=0.0), "--sera.top_p"),
+     (dict(temperature=-1.0), "--sera.temperature"), (dict(batch_size=0), "--sera.generation_batch_size")],
+)
+def test_config_validation_names_flag(model, tok, kwargs, flag):
+    with pytest.raises(ConfigError, match=flag):
+        HFGenerator(model, tok, GenerationConfig(**kwargs))
+
+
+def test_build_generator(model, tok):
+    assert isinstance(build_generator("hf", tok, GenerationConfig(), model=model), HFGenerator)
+    fake = build_generator("vllm", tok, GenerationConfig(), engine=object())
+    assert isinstance(fake, VLLMGenerator)
+    with pytest.raises(ConfigError, match="--sera.generation_backend"):
+        build_generator("sglang", tok, GenerationConfig(), model=model)
+
+
+# --------------------------------------------------------------------------------------------- vLLM backend
+
+
+class FakeEngine:
+    """Stands in for vllm.LLM: returns n completions per prompt, the last one cut by the length limit."""
+
+    def __init__(self, eos_id):
+        self.eos_id, self.calls = eos_id, []
+
+    def generate(self, prompts, sampling_params):
+        self.calls.append((prompts, sampling_params))
+        n, results = sampling_params["n"], []
+        for i, prompt in enumerate(prompts):
+            completions = []
+            for j in reversed(range(n)):  # out of order on purpose: the generator sorts by .index
+                if j == n - 1:
+                    ids, reason = [40 + i] * sampling_params["max_tokens"], "length"
+                else:
+                    ids, reason = [40 + i, 50 + j, self.eos_id], "stop"
+                completions.append(SimpleNamespace(index=j, token_ids=ids, finish_reason=reason, text="ignored"))
+            results.append(SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=completions))
+        return results
+
+
+def test_vllm_backend_maps_request_outputs(tok):
+    engine = FakeEngine(tok.eos_token_id)
+    cfg = GenerationConfig(num_samples=3, temperature=0.7, top_p=0.9, max_new_tokens=5, seed=11)
+    generator = VLLMGenerator("unused", tok, cfg, engine=engine, sampling_params_factory=lambda **kw: kw)
+    out = generator.generate(PROMPTS)
+
+    prompts, params = engine.calls[0]
+    assert params == dict(n=3, temperature=0.7, top_p=0.9, max_tokens=5, seed=11)
+    assert [p["prompt_token_ids"] for p in prompts] == tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    assert len(out) == len(PROMPTS) and all(len(row) == 3 for row in out)
+    for p, row in enumerate(out):
+        for s, sample in enumerate(row):
+            assert (sample.prompt_index, sample.sample_index) == (p, s)
+            assert sample.truncated == (s == 2)
+            assert sample.text == tok.decode(sample.token_ids, skip_special_tokens=True)
+        assert row[0].token_ids == [40 + p, 50, tok.eos_token_id] and len(row[2].token_ids) == 5
+
+
+def test_vllm_missing_gives_clear_error(tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(ImportError, match="--sera.generation_backend hf"):
+        VLLMGenerator("some/model", tok, GenerationConfig())
+
+
+def test_imports_stay_lazy():
+    code = (
+        "import sys, sera_openrlhf.bootstrap as b\n"
+        "heavy = {'transformers', 'openrlhf', 'deepspeed', 'vllm', 'ray'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "import sera_openrlhf.generation\n"
+        "assert 'vllm' not in sys.modules and 'ray' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None, reason="needs CUDA and vllm"
+)
+def test_vllm_backend_real_engine(tok, tmp_path):
+    # head_dim 64: vLLM's attention kernels do not support the tiny head_dim of the CPU test model.
+    model = make_model(tok, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = GenerationConfig(num_samples=3, max_new_tokens=6, seed=1)
+    generator = VLLMGenerator(str(tmp_path), tok, cfg, gpu_memory_utilization=0.3, enforce_eager=True,
+                              max_model_len=256, dtype="bfloat16")
+    out = generator.generate(PROMPTS)
+    assert [len(row) for row in out] == [3] * len(PROMPTS)
+    for row in out:
+        for s in row:
+            assert 1 <= len(s.token_ids) <= 6
+            assert s.truncated == (tok.eos_token_id not in s.token_ids)
