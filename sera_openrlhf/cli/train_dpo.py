@@ -33,12 +33,24 @@ def parse_args(argv):
     from sera_openrlhf.openrlhf_adapter.args import postprocess_stock_args
 
     flat = build_parser().parse_args(argv)
-    args = postprocess_stock_args(flat)
-    # dotted flags may also be given as --flag=value
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return mark_given(postprocess_stock_args(flat), argv)
+
+
+def mark_given(args, argv):
+    """Record which flags the user gave (the CPU layer and the stock/SeRA dispatch depend on it)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}  # dotted flags may be --flag=value
     args._attn_defaulted = "--ds.attn_implementation" not in given
     args._sera_active = any(a.startswith("--sera.") for a in given)
     return args
+
+
+def run_from_openrlhf(args, argv) -> None:
+    """Called by a patched `openrlhf/cli/train_dpo.py` (patches/): the same dispatch as our entry point."""
+    try:
+        run(mark_given(args, argv))
+    except SeraError as e:
+        print(f"sera-openrlhf: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def check_model_dir(path, flag: str, trust_remote_code: bool) -> None:

@@ -51,8 +51,19 @@ def _is_train_call(stmt) -> bool:
     )
 
 
+def _mentions_sera(stmt) -> bool:
+    """Statements added by patches/openrlhf-0.11.2-sera.patch (they import sera_openrlhf or use `sera_*` names):
+    our entry point does their job itself, so a patched OpenRLHF gives the same parser as a stock one."""
+    return any(
+        (isinstance(n, ast.ImportFrom) and (n.module or "").startswith("sera_openrlhf"))
+        or (isinstance(n, ast.Name) and n.id.startswith("sera_"))
+        for n in ast.walk(stmt)
+    )
+
+
 def _split_main_block():
     body, origin = _main_block()
+    body = [s for s in body if not _mentions_sera(s)]
     cut = next((i for i, s in enumerate(body) if _is_parse_args(s)), None)
     if cut is None:
         raise ImportError(f"{origin}: no `args = parser.parse_args()` found; unsupported OpenRLHF layout")
