@@ -10,4 +10,10 @@ start=$(date +%s)
 rc=$?
 echo "tests: pytest exit $rc after $(( $(date +%s) - start )) s"
 if [ $rc -eq 5 ]; then echo "tests: pytest collected no tests: failing the run" >&2; exit 1; fi
-exit $rc
+[ $rc -eq 0 ] || exit $rc
+[ $# -eq 0 ] || exit 0  # a filtered run (arguments given) skips the peer suite
+echo "tests: OpenRLHF's own test suite with sera-openrlhf's compatibility layer active"
+.venv/bin/python scripts/peer_tests.py
+prc=$?
+if [ $prc -eq 5 ]; then echo "tests: the OpenRLHF suite collected no tests: failing the run" >&2; exit 1; fi
+exit $prc

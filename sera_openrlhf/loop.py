@@ -254,6 +254,11 @@ def validate_sera_args(args) -> None:
         raise ConfigError("--sera.review_policy first_pass needs a first training pass; drop "
                           "--sera.skip_first_training")
     selection_config(args)
+    from sera_openrlhf.selection import SELECTORS
+
+    # resolve the selector now: a typo should not cost a whole first training pass
+    if not callable(SELECTORS.get(s.selector, flag="--sera.selector")):
+        raise ConfigError(f"--sera.selector {s.selector} is not callable")
 
 
 def selection_config(args) -> SelectionConfig:
