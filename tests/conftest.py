@@ -62,3 +62,15 @@ def run_cli(args, launcher=None, timeout=600, env=None, check=True) -> subproces
 def read_jsonl(path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA exists and are reported as skipped elsewhere (never silently dropped)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
