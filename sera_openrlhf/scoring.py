@@ -106,12 +106,12 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def hf_logprob_fn(model: torch.nn.Module, chunk_elems: int = 1 << 26) -> LogprobFn:
+def hf_logprob_fn(model: torch.nn.Module, chunk_elems: int = 1 << 24) -> LogprobFn:
     """LogprobFn for a Hugging Face causal LM (anything returning `.logits` [B, L, V]).
 
     Inputs are moved to the model's device; position ids are built from the mask as OpenRLHF's Actor does.
     Log-probs are computed in float32 from the (possibly bf16) logits in slices of at most `chunk_elems` logits
-    (default 64M = 256 MiB of float32), so no float32 copy of the whole [B, L, V] tensor is made.
+    (default 16M = 64 MiB of float32), so no float32 copy of the whole [B, L, V] tensor is made.
     Put the model in eval() mode yourself (dropout would make scores random); this function does not change it.
     Returns FloatTensor[B, L-1] float32 on the model's device.
     """
