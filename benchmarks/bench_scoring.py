@@ -36,19 +36,9 @@ from sera_openrlhf.scoring import (  # noqa: E402
 
 def load_model(spec: str, device: str):
     if spec == "tiny":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from sera_openrlhf.testing import tiny_llama
 
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=512,
-        )
-        model = LlamaForCausalLM(cfg)
+        model = tiny_llama(128, max_position_embeddings=512)
     else:
         from transformers import AutoModelForCausalLM
 

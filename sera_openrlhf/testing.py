@@ -45,6 +45,19 @@ def build_tokenizer(path: str, vocab_size: int = 320):
     return fast
 
 
+def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, seed: int = 0, pad_token_id=None,
+               max_position_embeddings: int = 256, **config):
+    """An in-memory random Llama in eval mode (hidden 32, 2 layers: tens of thousands of parameters)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id, **config)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def build_tiny_llama(path: str, hidden: int = 64, layers: int = 2, seed: int = 0, tokenizer=None,
                      pretrain_steps: int = 0):
     """A LlamaConfig model (about 120k parameters with the default tokenizer), saved with its tokenizer.
@@ -52,18 +65,10 @@ def build_tiny_llama(path: str, hidden: int = 64, layers: int = 2, seed: int = 0
     pretrain_steps > 0 first trains it briefly as a language model on prompt/response texts shaped like
     `preference_pairs`, so that its samples are words ending in EOS rather than random byte fragments.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = tokenizer or build_tokenizer(path)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(len(tokenizer), hidden, layers, seed, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=False)
     if pretrain_steps:
         pretrain(model, tokenizer, pretrain_steps, seed)
     model.save_pretrained(path)

@@ -7,6 +7,7 @@ import torch
 
 from sera_openrlhf.errors import DataError, StateError
 from sera_openrlhf.refcache import ReferenceCache, content_hash
+from sera_openrlhf.testing import tiny_llama
 from sera_openrlhf.scoring import hf_logprob_fn, model_fingerprint, score_pairs
 
 PAD = 0
@@ -14,20 +15,7 @@ VOCAB = 128
 
 
 def tiny_model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, seed=seed, pad_token_id=PAD)
 
 
 @pytest.fixture(scope="module")
