@@ -6,7 +6,9 @@ bash scripts/setup.sh || exit 1
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
        TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 start=$(date +%s)
-.venv/bin/python -m pytest -p no:cacheprovider --timeout 900 "$@"
+# the slow tests are single-threaded subprocesses: one pytest worker per core (a test file stays on one worker)
+workers=$(nproc); [ "$workers" -gt 4 ] && workers=4
+.venv/bin/python -m pytest -p no:cacheprovider --timeout 900 -n "$workers" --dist loadfile "$@"
 rc=$?
 echo "tests: pytest exit $rc after $(( $(date +%s) - start )) s"
 if [ $rc -eq 5 ]; then echo "tests: pytest collected no tests: failing the run" >&2; exit 1; fi

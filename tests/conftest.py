@@ -5,6 +5,7 @@ The model is built once per session (seconds) from a config: no downloads anywhe
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -57,6 +58,15 @@ def run_cli(args, launcher=None, timeout=600, env=None, check=True) -> subproces
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def tb_scalars(logdir: str, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)
+    acc = EventAccumulator(events)
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
 
 
 def read_jsonl(path) -> list[dict]:
