@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import os
 import shutil
 import statistics
@@ -51,6 +52,16 @@ def split_pair(chosen_full: str, rejected_full: str):
     if rejected.startswith(" "):
         rejected = rejected[1:]
     return prompt, chosen, rejected
+
+
+def to_messages(prompt: str) -> list:
+    """'\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:' -> [user a, assistant b, user c]."""
+    turns = re.split(r"\n\n(Human|Assistant):", prompt)
+    assert turns[0] == "" and turns[-1] == "" and turns[-2] == "Assistant", prompt[:80]
+    messages = []
+    for who, text in zip(turns[1:-2:2], turns[2:-2:2]):
+        messages.append({"role": "user" if who == "Human" else "assistant", "content": text.strip()})
+    return messages
 
 
 def eligible(prompt: str, chosen: str, rejected: str) -> bool:
@@ -93,7 +104,11 @@ def build(source_dir: str, out_dir: str) -> dict:
         raise SystemExit(f"only {len(prompts)} held-out prompts available; need {N_PROMPTS}")
 
     os.makedirs(out_dir, exist_ok=True)
-    for name, rows in (("pairs.jsonl", pairs), ("prompts.jsonl", prompts)):
+    chat_pairs = [{"prompt": to_messages(r["prompt"]), "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                   "rejected": [{"role": "assistant", "content": r["rejected"]}], "id": r["id"]} for r in pairs]
+    chat_prompts = [{"prompt": to_messages(r["prompt"]), "id": r["id"]} for r in prompts]
+    for name, rows in (("pairs.jsonl", pairs), ("prompts.jsonl", prompts), ("pairs_chat.jsonl", chat_pairs),
+                       ("prompts_chat.jsonl", chat_prompts)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8", newline="\n") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -144,6 +159,7 @@ with SmolLM2-135M-Instruct. Built by `scripts/build_default_data.py`; do not edi
 |---|---|---|
 | `pairs.jsonl` | {n_pairs} | `prompt`, `chosen`, `rejected`, `id` |
 | `prompts.jsonl` | {n_prompts} | `prompt`, `id` (held-out prompts for bootstrapping and evaluation) |
+| `pairs_chat.jsonl`, `prompts_chat.jsonl` | same | the same rows as chat messages, for `--data.apply_chat_template` |
 | `LICENSE` | | MIT licence of HH-RLHF, copied from the source |
 
 `id` is `hh-harmless-base-test-NNNN`, where NNNN is the 0-based line of the pair in the source file.
@@ -153,8 +169,12 @@ with SmolLM2-135M-Instruct. Built by `scripts/build_default_data.py`; do not edi
 Prompts are kept in the raw HH **text form**, `"\\n\\nHuman: ...\\n\\nAssistant:"` (multi-turn prompts contain
 earlier turns in the same form); they always end with `"\\n\\nAssistant:"`. `chosen` and `rejected` are the final
 assistant turns only, with the single leading space after `Assistant:` removed, so `prompt + " " + chosen`
-restores the original dialogue. The set works without `--data.apply_chat_template`; no chat-message version
-is shipped.
+restores the original dialogue. The set works without `--data.apply_chat_template`.
+
+`pairs_chat.jsonl` / `prompts_chat.jsonl` hold the same rows as chat messages: `prompt` is the list of earlier
+turns (`user` for Human, `assistant` for Assistant), `chosen`/`rejected` are one-message lists
+`[{{"role": "assistant", "content": ...}}]`. Use them with `--data.apply_chat_template` so an instruct model sees
+its own chat template (the demo does: in the raw text form SmolLM2-Instruct rarely ends its turn).
 
 ## Selection rule
 

@@ -119,14 +119,15 @@ def default_dataset_dir() -> str:
     return str(importlib.resources.files("sera_openrlhf").joinpath(*_DATASET_PACKAGE_DIR))
 
 
-def default_dataset_path() -> str:
-    """The packaged default preference set: 512 HH-RLHF harmless-base pairs (prompt, chosen, rejected, id)."""
-    return os.path.join(default_dataset_dir(), "pairs.jsonl")
+def default_dataset_path(chat: bool = False) -> str:
+    """The packaged default preference set: 512 HH-RLHF harmless-base pairs (prompt, chosen, rejected, id);
+    chat=True: the same pairs as chat messages, for --data.apply_chat_template."""
+    return os.path.join(default_dataset_dir(), "pairs_chat.jsonl" if chat else "pairs.jsonl")
 
 
-def default_prompts_path() -> str:
+def default_prompts_path(chat: bool = False) -> str:
     """128 held-out HH-RLHF prompts (prompt, id), disjoint from `default_dataset_path()`."""
-    return os.path.join(default_dataset_dir(), "prompts.jsonl")
+    return os.path.join(default_dataset_dir(), "prompts_chat.jsonl" if chat else "prompts.jsonl")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -230,6 +231,11 @@ def _barrier():
         dist.barrier()
 
 
+def as_response(prompt, text: str):
+    """A generated response in the prompt's form: text, or a one-message list for chat-format data."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def generated_share(args, t: int) -> float:
     """Linear schedule: 0 at iteration 1, --sera.generated_share_max at the last iteration."""
     T = args.sera.iterations
@@ -312,9 +318,11 @@ class Loop:
         self.strategy.print(f"[sera] iteration {t}: {name}")
         faults.current_phase = key
         faults.kill_point(f"{key}:start")
+        start = time.time()
         stats = fn()
         _barrier()
         faults.kill_point(f"{key}:end")
+        self.state.data.setdefault("seconds", {})[key] = round(time.time() - start, 1)
         self.state.mark(key, stats, t)
         return stats
 
@@ -481,8 +489,8 @@ class Loop:
         by_path = {}
         for tag, p in models.items():
             by_path.setdefault(os.path.abspath(p), []).append(tag)
-        pair_rows = [{"id": f"s{n}", "prompt": r["prompt"], "chosen": r["text"], "rejected": r["text"]}
-                     for n, r in enumerate(rows)]
+        pair_rows = [{"id": f"s{n}", "prompt": r["prompt"], "chosen": as_response(r["prompt"], r["text"]),
+                      "rejected": as_response(r["prompt"], r["text"])} for n, r in enumerate(rows)]
         for p, tags in by_path.items():
             scorer = ScoringModel.load(self.args, self.strategy, p)
             dataset = build_dataset(self.args, scorer.tokenizer, pair_rows, True)
@@ -533,8 +541,10 @@ class Loop:
         out = []
         for bp in sorted(pairs, key=lambda b: -b.margin):
             c, r = rows[bp.prompt_index * S + bp.chosen_index], rows[bp.prompt_index * S + bp.rejected_index]
-            out.append({"id": f"boot{t}-{c['prompt_id']}", "prompt": c["prompt"], "chosen": c["text"],
-                        "rejected": r["text"], "margin": bp.margin, "debiased_margin": bp.debiased_margin,
+            out.append({"id": f"boot{t}-{c['prompt_id']}", "prompt": c["prompt"],
+                        "chosen": as_response(c["prompt"], c["text"]),
+                        "rejected": as_response(r["prompt"], r["text"]), "margin": bp.margin,
+                        "debiased_margin": bp.debiased_margin,
                         "chosen_len": c["n_tokens"], "rejected_len": r["n_tokens"]})
         self.write_rows(os.path.join(self.iter_dir(t), "bootstrapped.jsonl"), out)
         margins = [o["margin"] for o in out]

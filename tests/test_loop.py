@@ -87,3 +87,50 @@ def test_changed_configuration_is_refused_unless_forced(uninterrupted, tiny_mode
     assert proc.returncode == 2 and "--sera.keep_ratio 0.7 -> 0.5" in proc.stderr
     proc = run_cli(flags + ["--sera.keep_ratio", "0.5", "--sera.force_resume"], check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_chat_format_data_bootstraps_in_chat_form(tiny_model, tmp_path):
+    """With --data.apply_chat_template, prompts are generated from the chat template exactly as training
+    formats them, and bootstrapped pairs are written back as chat messages."""
+    from sera_openrlhf import testing
+
+    rows = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            for r in testing.preference_pairs(64, seed=5)]
+    data = testing.write_jsonl(str(tmp_path / "chat.jsonl"), rows)
+    run_dir = tmp_path / "run"
+    run_cli(base_flags(tiny_model, data, str(run_dir), "--data.apply_chat_template", *LOOP, "--sera.iterations", "2",
+                       "--sera.keep_truncated", "--sera.no_fluency_guard"))
+    samples = read_jsonl(run_dir / "iter_2" / "samples.jsonl")
+    assert all(isinstance(s["prompt"], list) for s in samples)
+    boot = read_jsonl(run_dir / "iter_2" / "bootstrapped.jsonl")
+    assert boot and all(b["chosen"][0]["role"] == "assistant" for b in boot)
+    train = read_jsonl(run_dir / "iter_2" / "train_set.jsonl")
+    assert any(r["id"].startswith("boot") for r in train)
+
+
+def test_generation_prompt_is_the_training_prompt(tiny_model):
+    """format_prompt gives exactly the prefix RewardDataset puts before the response."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from sera_openrlhf.openrlhf_adapter import compat
+
+    compat.apply()
+    from openrlhf.datasets.reward_dataset import preprocess_data
+
+    from sera_openrlhf.openrlhf_adapter.generate import format_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    args = SimpleNamespace(data=SimpleNamespace(apply_chat_template=True, tokenizer_chat_template=None,
+                                                input_template=None))
+    messages = [{"role": "user", "content": "tell me about the dog :"}]
+    prompt = format_prompt(args, tok, messages)
+    assert prompt.endswith("<|assistant|>")
+    full, chosen, _, _ = preprocess_data(
+        {"prompt": messages, "chosen": [{"role": "assistant", "content": " kind"}], "rejected": []},
+        None, "prompt", "chosen", "rejected", tok.apply_chat_template, is_dpo=True)
+    assert full == prompt and chosen.startswith(" kind")

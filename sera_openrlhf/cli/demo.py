@@ -1,7 +1,7 @@
 """The main job: a full SeRA loop on the embedded SmolLM2-135M-Instruct and the packaged HH-RLHF
 harmless-base pairs, sized to finish on 2 CPU cores in about 15 minutes.
 
-    python -m sera_openrlhf.cli.demo [--run-dir runs/demo] [--pairs 64] [--prompts 12] [any train_dpo flag ...]
+    python -m sera_openrlhf.cli.demo [--run-dir runs/demo] [--pairs 48] [--prompts 8] [any train_dpo flag ...]
 
 It is `python -m sera_openrlhf.cli.train_dpo` with the flags below; any flag you add overrides them (argparse
 keeps the last value), e.g. `--sera.loss simpo --model.beta 2.0` or `--sera.iterations 2`.
@@ -20,7 +20,9 @@ def demo_flags(model: str, run_dir: str, pairs: int, prompts: int) -> list[str]:
 
     return [
         "--model.model_name_or_path", model,
-        "--data.dataset", default_dataset_path(), "--data.prompt_key", "prompt", "--data.max_samples", str(pairs),
+        # chat-message form: an instruct model ends its turns only inside its own chat template
+        "--data.dataset", default_dataset_path(chat=True), "--data.prompt_key", "prompt",
+        "--data.apply_chat_template", "--data.max_samples", str(pairs),
         "--data.max_len", "192",
         "--train.batch_size", "8", "--train.micro_batch_size", "2", "--train.max_epochs", "1",
         "--train.seed", "42",
@@ -28,8 +30,8 @@ def demo_flags(model: str, run_dir: str, pairs: int, prompts: int) -> list[str]:
         "--adam.lr", "5e-6", "--model.beta", "0.1", "--lr_warmup_ratio", "0.1",
         "--ckpt.output_dir", run_dir,
         "--sera.enable", "--sera.iterations", "3", "--sera.keep_ratio", "0.7",
-        "--sera.prompts", default_prompts_path(), "--sera.num_prompts", str(prompts),
-        "--sera.num_samples", "4", "--sera.max_new_tokens", "40", "--sera.temperature", "0.8",
+        "--sera.prompts", default_prompts_path(chat=True), "--sera.num_prompts", str(prompts),
+        "--sera.num_samples", "4", "--sera.max_new_tokens", "80", "--sera.temperature", "0.8",
         "--sera.top_p", "0.95", "--sera.generation_batch_size", "16",
     ]
 
@@ -39,8 +41,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sera_openrlhf.cli.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo", help="run directory (default: runs/demo)")
-    parser.add_argument("--pairs", type=int, default=64, help="offline pairs used (default: 64 of 512)")
-    parser.add_argument("--prompts", type=int, default=12, help="bootstrapping prompts per iteration (default: 12)")
+    parser.add_argument("--pairs", type=int, default=48, help="offline pairs used (default: 48 of 512)")
+    parser.add_argument("--prompts", type=int, default=8, help="bootstrapping prompts per iteration (default: 8)")
     parser.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M)")
     ours, rest = parser.parse_known_args(argv)
 

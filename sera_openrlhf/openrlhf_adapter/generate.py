@@ -24,8 +24,24 @@ def generation_config(args, seed: int) -> GenerationConfig:
     return cfg
 
 
+def format_prompt(args, tokenizer, prompt) -> str:
+    """The prompt text exactly as training sees it: OpenRLHF's own preprocessing (chat template with a generation
+    prompt, or --data.input_template), so samples continue the same string their pairs will be trained on."""
+    from openrlhf.datasets.reward_dataset import preprocess_data
+
+    if args.data.apply_chat_template and args.data.tokenizer_chat_template:
+        tokenizer.chat_template = args.data.tokenizer_chat_template
+    empty = [] if isinstance(prompt, list) else ""
+    text, _, _, _ = preprocess_data(
+        {"prompt": prompt, "chosen": empty, "rejected": empty}, args.data.input_template, "prompt", "chosen",
+        "rejected", tokenizer.apply_chat_template if args.data.apply_chat_template else None, is_dpo=True,
+    )
+    return text
+
+
 def generate_samples(args, strategy, model_path: str, prompts: list, seed: int):
-    """P lists of S `Sample`s for the given (already formatted) prompts."""
+    """P lists of S `Sample`s for the given prompts (strings, or chat-message lists with
+    --data.apply_chat_template)."""
     cfg = generation_config(args, seed)
     samples = None
     if strategy.is_rank_0():
@@ -34,6 +50,7 @@ def generate_samples(args, strategy, model_path: str, prompts: list, seed: int):
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.sera.trust_remote_code)
         if tokenizer.pad_token is None:  # as OpenRLHF's get_tokenizer does
             tokenizer.pad_token = tokenizer.eos_token
+        prompts = [format_prompt(args, tokenizer, p) for p in prompts]
         if args.sera.generation_backend == "vllm":
             gen = build_generator("vllm", tokenizer, cfg, model_path=model_path,
                                   tensor_parallel_size=args.sera.vllm_tensor_parallel_size,
