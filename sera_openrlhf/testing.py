@@ -17,9 +17,11 @@ POSITIVE = set(WORDS[:16])
 TOPICS = ["cat", "dog", "sun", "rain", "day", "night"]
 NEGATIVE = set(WORDS[16:32])
 
+# The generation prompt must be a prefix of the rendered conversation: OpenRLHF slices responses off with
+# apply_chat_template(prompt + response)[len(prompt):].
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if not loop.last or not add_generation_prompt %}"
-    "</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 
