@@ -283,6 +283,7 @@ class Loop:
     use_prompt_key: bool
     prompts: list
     daa_loss: object
+    _wandb_run: object = None
 
     # -- paths ------------------------------------------------------------------------------------------------
     def iter_dir(self, t: int) -> str:
@@ -324,7 +325,30 @@ class Loop:
         faults.kill_point(f"{key}:end")
         self.state.data.setdefault("seconds", {})[key] = round(time.time() - start, 1)
         self.state.mark(key, stats, t)
+        self.log_metrics(t, name, stats)
         return stats
+
+    def log_metrics(self, t: int, phase: str, stats) -> None:
+        """Numeric phase statistics through OpenRLHF's logger settings: wandb if --logger.wandb.key is set,
+        else TensorBoard under --logger.tensorboard_dir/<run_name>_sera, with the iteration as the step."""
+        lg = self.args.logger
+        if not self.is_writer or not isinstance(stats, dict) or not (lg.wandb.key or lg.tensorboard_dir):
+            return
+        flat = {f"sera/{phase}/{k}": float(v) for k, v in _flatten(stats).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if lg.wandb.key:
+            import wandb
+
+            if self._wandb_run is None:
+                self._wandb_run = wandb.init(entity=lg.wandb.org, project=lg.wandb.project, group=lg.wandb.group,
+                                             name=f"{lg.wandb.run_name}_sera", reinit=True)
+            self._wandb_run.log({**flat, "sera/iteration": t})
+        else:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(log_dir=os.path.join(lg.tensorboard_dir, f"{lg.wandb.run_name}_sera")) as w:
+                for k, v in flat.items():
+                    w.add_scalar(k, v, t)
 
     def train(self, t: int, rows, output_dir: str, policy_path: str) -> dict:
         from sera_openrlhf.openrlhf_adapter.train import train_policy

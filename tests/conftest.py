@@ -60,13 +60,19 @@ def run_cli(args, launcher=None, timeout=600, env=None, check=True) -> subproces
     return proc
 
 
-def tb_scalars(logdir: str, tag: str) -> list[float]:
+def tb_scalars(logdir: str, tag: str, pattern: str = "*") -> list[float]:
+    """Values of `tag` across every TensorBoard event file under logdir/pattern, in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)
-    acc = EventAccumulator(events)
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
+    files = glob.glob(os.path.join(logdir, pattern, "**", "events.out.tfevents.*"), recursive=True)
+    assert files, f"no TensorBoard events under {logdir}/{pattern}"
+    events = []
+    for f in files:
+        acc = EventAccumulator(f)
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            events += acc.Scalars(tag)
+    return [e.value for e in sorted(events, key=lambda e: (e.step, e.wall_time))]
 
 
 def read_jsonl(path) -> list[dict]:

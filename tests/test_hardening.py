@@ -139,3 +139,38 @@ def test_empty_dataset_is_a_clear_error(tiny_model, tmp_path):
     data.write_text("")
     proc = run_cli(base_flags(tiny_model, str(data), str(tmp_path / "o"), "--sera.loss", "dpo"), check=False)
     assert proc.returncode == 2 and "empty.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- tokenizers -----------------------------------------------------------------------------------------------
+def _tokenizer_variant(tiny_model, tmp_path, **changes):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(changes)
+    cfg_path.write_text(json.dumps(cfg))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    return str(model)
+
+
+def test_missing_chat_template_is_a_clear_error(tiny_model, tiny_data, tmp_path):
+    model = _tokenizer_variant(tiny_model, tmp_path, chat_template=None)
+    proc = run_cli(base_flags(model, tiny_data, str(tmp_path / "o"), "--sera.loss", "dpo",
+                              "--data.apply_chat_template"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--data.tokenizer_chat_template" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_tokenizer_without_pad_token_falls_back_to_eos(tiny_model, tiny_data, tmp_path):
+    """Documented fallback (OpenRLHF's get_tokenizer): pad = eos. Training and the loop still run."""
+    model = _tokenizer_variant(tiny_model, tmp_path, pad_token=None)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(model).pad_token is None
+    run_dir = tmp_path / "run"
+    run_cli(base_flags(model, tiny_data, str(run_dir), "--sera.enable", "--sera.iterations", "2",
+                       "--sera.generated_share_max", "0"))
+    assert (run_dir / "iter_2" / "policy" / "model.safetensors").exists()

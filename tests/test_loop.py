@@ -67,13 +67,14 @@ def test_three_iterations_produce_every_artefact(uninterrupted):
 
 @pytest.mark.slow
 def test_kill_at_every_phase_resumes_to_the_same_result(uninterrupted, tiny_model, tiny_data, tmp_path):
-    """SIGKILL during scoring, generation and training (and between a phase's write and its mark): each rerun
-    continues, and the final sets and statistics equal the uninterrupted run's."""
+    """SIGKILL (and a SIGTERM) during scoring, generation and training, and between a phase's write and its
+    mark: each rerun continues, and the final sets and statistics equal the uninterrupted run's."""
     run_dir = tmp_path / "run"
     flags = loop_flags(tiny_model, tiny_data, run_dir)
-    for point in ("iter2/review:start", "iter2/generate:end", "iter2/train:step3", "iter3/score_samples:end"):
-        proc = run_cli(flags, env={"SERA_FAULT_KILL_AT": point}, check=False)
-        assert proc.returncode == -9, (point, proc.returncode, proc.stderr[-2000:])
+    for point, sig in (("iter2/review:start", "KILL"), ("iter2/generate:end", "TERM"),
+                       ("iter2/train:step3", "KILL"), ("iter3/score_samples:end", "KILL")):
+        proc = run_cli(flags, env={"SERA_FAULT_KILL_AT": point, "SERA_FAULT_SIGNAL": sig}, check=False)
+        assert proc.returncode == (-15 if sig == "TERM" else -9), (point, proc.returncode, proc.stderr[-2000:])
     run_cli(flags)
     assert outcome(run_dir) == outcome(uninterrupted[0])
 

@@ -15,6 +15,8 @@ from datasets import Dataset
 from openrlhf.datasets import RewardDataset
 from openrlhf.datasets.reward_dataset import preprocess_data
 
+from sera_openrlhf.errors import ConfigError
+
 
 def data_view(args, prompt_key):
     """The `strategy.args.data` view RewardDataset reads, with our fixed column names."""
@@ -44,6 +46,12 @@ class IndexedRewardDataset(RewardDataset):
         view = data_view(args, "prompt" if use_prompt_key else None)
         if view.args.data.apply_chat_template and view.args.data.tokenizer_chat_template:
             tokenizer.chat_template = view.args.data.tokenizer_chat_template
+        if view.args.data.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"--data.apply_chat_template: the tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')} "
+                "has no chat template; pass one with --data.tokenizer_chat_template, or drop the flag and give "
+                "plain-text prompts"
+            )
         apply_tpl = tokenizer.apply_chat_template if view.args.data.apply_chat_template else None
         kept, self.too_long_ids = [], []
         for row in rows:

@@ -1,0 +1,98 @@
+"""Pure parts of benchmarks/quality: callable loading, label corruption, metrics. No training here."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("quality_metrics", os.path.join(REPO, "benchmarks", "quality", "metrics.py"))
+M = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(M)
+
+
+def test_load_callable_from_file_and_module(tmp_path):
+    f = tmp_path / "my_gold.py"
+    f.write_text("def score(prompt, response):\n    return float(response.count('good'))\n")
+    fn = M.load_callable(f"{f}:score")
+    assert fn("p", "good good bad") == 2.0
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert M.load_callable("my_gold:score")("p", "good") == 1.0
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert M.load_callable("os.path:join")("a", "b") == os.path.join("a", "b")
+    for bad in ("no_colon", f"{f}:missing", str(tmp_path / "nope.py") + ":f"):
+        with pytest.raises(ValueError):
+            M.load_callable(bad)
+
+
+def _gold(prompt, response):
+    return float(response.count("+")) - float(response.count("-"))
+
+
+def _items(n):
+    # a has gold n % 5, b has gold 0 (+ one extra word so lengths differ); item 0 ties and is dropped
+    return [{"id": f"i{k}", "prompt": "x", "a": "+" * (k % 5) or "z", "b": "w w"} for k in range(n)]
+
+
+def test_label_pairs_exact_flips_and_flags():
+    items = _items(100)
+    never = lambda *a: None  # noqa: E731
+    rows, info = M.label_pairs(items, _gold, never, flip_share=0.3, seed=0)
+    ties = sum(1 for k in range(100) if k % 5 == 0)
+    assert info["n_ties_dropped"] == ties and len(rows) == 100 - ties
+    assert sum(r["flipped"] for r in rows) == round(0.3 * len(rows)) == info["n_flipped"]
+    for r in rows:
+        assert r["gold_wrong"] == r["flipped"]  # with no spurious rule only flips are wrong
+        assert (r["gold_chosen"] < r["gold_rejected"]) == r["flipped"]
+        assert not r["spurious"]
+    again, _ = M.label_pairs(items, _gold, never, flip_share=0.3, seed=0)
+    assert again == rows
+    other, _ = M.label_pairs(items, _gold, never, flip_share=0.3, seed=1)
+    assert [r["flipped"] for r in other] != [r["flipped"] for r in rows]
+    with pytest.raises(ValueError):
+        M.label_pairs(items, _gold, never, flip_share=1.5, seed=0)
+
+
+def test_spurious_rule_prefers_longer_on_small_gap():
+    assert M.prefer_longer("p", "a b c", "a", 0.50, 0.45) == 0
+    assert M.prefer_longer("p", "a", "a b c", 0.50, 0.45) == 1
+    assert M.prefer_longer("p", "a", "a b c", 0.90, 0.10) is None  # large gap: gold stands
+    assert M.prefer_longer("p", "a b", "c d", 0.5, 0.45) is None  # equal length
+    items = [{"id": "s", "prompt": "p", "a": "short", "b": "a much longer answer"},
+             {"id": "g", "prompt": "p", "a": "x", "b": "a much longer answer"}]
+    gold = {"short": 0.55, "a much longer answer": 0.5, "x": 0.9}
+    rows, info = M.label_pairs(items, lambda p, r: gold[r], M.prefer_longer, flip_share=0.0, seed=0)
+    by = {r["id"]: r for r in rows}
+    assert by["s"]["spurious"] and by["s"]["gold_wrong"] and by["s"]["chosen"] == "a much longer answer"
+    assert not by["g"]["spurious"] and by["g"]["chosen"] == "x"
+    assert info["n_spurious"] == 1
+
+
+def test_metrics_on_hand_made_inputs():
+    assert M.guarded([0.5, 0.8, -0.2], [False, True, False]) == [0.5, 0.0, -0.2]
+    assert M.guarded_gold([0.5, 0.8, -0.2], [False, True, False]) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        M.guarded([1.0], [])
+    assert M.win_rate([1, 2, 3, 0], [0, 2, 4, 0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    with pytest.raises(ValueError):
+        M.win_rate([1], [1, 2])
+    m, lo, hi = M.mean_ci([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6)
+    assert hi - m == pytest.approx(4.303 * 0.1 / 3 ** 0.5)  # t(0.975, 2) * sd / sqrt(n)
+    assert lo == pytest.approx(2 * m - hi)
+    assert M.mean_ci([0.4]) == (0.4, None, None)
+    lo, hi = M.bootstrap_ci([1.0] * 10)
+    assert lo == hi == 1.0
+    review = [{"id": "a", "kept": False}, {"id": "b", "kept": False}, {"id": "c", "kept": True}, {"id": "d", "kept": True}]
+    flags = {"a": {"flipped": True, "spurious": False, "gold_wrong": True},
+             "b": {"flipped": False, "spurious": True, "gold_wrong": True},
+             "c": {"flipped": True, "spurious": False, "gold_wrong": True},
+             "d": {"flipped": False, "spurious": False, "gold_wrong": False}}
+    st = M.dropped_corruption(review, flags)
+    assert st["flipped_share_dropped"] == 0.5 and st["gold_wrong_share_dropped"] == 1.0
+    assert st["flipped_share_kept"] == 0.5 and st["n_dropped"] == 2 and st["flipped_share_all"] == 0.5
