@@ -89,7 +89,8 @@ def add_sera_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "ensemble_k", "K policies in last_k mode", type=int, default=2)
     _add(g, "ensemble_lambda", "Weight of the current policy in last_k mode", type=float, default=0.5)
     _add(g, "ensemble_decay", "Decay per iteration of age in exp mode", type=float, default=0.5)
-    _add(g, "min_margin", "Drop bootstrapped pairs whose ensembled reward margin is below this", type=float,
+    _add(g, "min_margin", "Drop bootstrapped pairs whose ensembled reward margin (after length de-biasing) is below "
+         "this", type=float,
          default=0.0)
     _add(g, "pair_top_fraction", "Keep only this top fraction of bootstrapped pairs by margin", type=float,
          default=1.0)
