@@ -1,0 +1,175 @@
+"""Pure parts of the alignment-quality benchmark: loading gold/spurious callables, label corruption, metrics.
+
+No torch and no training here, so `tests/test_quality_benchmark.py` can check all of it in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import random
+import statistics
+
+# ------------------------------------------------------------------------------------------- callables
+
+
+def load_callable(spec: str):
+    """`module:function` or `path/to/file.py:function` -> the callable."""
+    if ":" not in spec:
+        raise ValueError(f"{spec!r}: expected module:function or file.py:function")
+    target, attr = spec.rsplit(":", 1)
+    if target.endswith(".py") or os.path.sep in target:
+        if not os.path.exists(target):
+            raise ValueError(f"{spec!r}: no such file {target}")
+        name = "_quality_user_" + os.path.splitext(os.path.basename(target))[0]
+        mod_spec = importlib.util.spec_from_file_location(name, target)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{spec!r}: {attr} is not a callable of {target}")
+    return fn
+
+
+_VADER = None
+
+
+def vader_gold(prompt: str, response: str) -> float:
+    """Default gold reward: VADER compound sentiment of the response in [-1, 1]; positive is better."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER = SentimentIntensityAnalyzer()
+    return float(_VADER.polarity_scores(response)["compound"])
+
+
+SMALL_GAP = 0.1
+
+
+def prefer_longer(prompt: str, a: str, b: str, gold_a: float, gold_b: float):
+    """Default spurious feature: when the gold gap is small (< 0.1), the longer response (in words) is preferred.
+
+    Returns 0 (a preferred), 1 (b preferred) or None (the rule does not apply; the gold label stands).
+    """
+    if abs(gold_a - gold_b) >= SMALL_GAP:
+        return None
+    la, lb = len(a.split()), len(b.split())
+    if la == lb:
+        return None
+    return 0 if la > lb else 1
+
+
+# ------------------------------------------------------------------------------------------- corruption
+
+
+def label_pairs(items, gold_fn, spurious_fn, flip_share: float, seed: int):
+    """Label sampled response pairs by the gold reward, then inject known defects.
+
+    items: [{"id", "prompt", "a", "b"}]; pairs whose two responses have exactly equal gold carry no gold
+    preference and are dropped (returned count in `info`).
+    Order: (1) gold label; (2) exactly round(flip_share * n) pairs, drawn at random, get the gold label swapped
+    (`flipped`); (3) on the others, the spurious rule may override the gold label (`spurious` when it changed
+    it). `gold_wrong` marks pairs whose chosen response has the lower gold.
+    Returns (rows, info): rows keep prompt/chosen/rejected plus gold_chosen, gold_rejected, flipped, spurious,
+    gold_wrong.
+    """
+    if not 0.0 <= flip_share <= 1.0:
+        raise ValueError(f"flip_share must be in [0, 1], got {flip_share}")
+    scored, ties = [], 0
+    for it in items:
+        ga, gb = float(gold_fn(it["prompt"], it["a"])), float(gold_fn(it["prompt"], it["b"]))
+        if ga == gb:
+            ties += 1
+            continue
+        scored.append((it, ga, gb))
+    rng = random.Random(seed)
+    n_flip = round(flip_share * len(scored))
+    flip_idx = set(rng.sample(range(len(scored)), n_flip))
+    rows = []
+    for n, (it, ga, gb) in enumerate(scored):
+        win = 0 if ga > gb else 1  # gold label
+        flipped = spurious = False
+        if n in flip_idx:
+            win, flipped = 1 - win, True
+        else:
+            pick = spurious_fn(it["prompt"], it["a"], it["b"], ga, gb)
+            if pick is not None and pick != win:
+                win, spurious = int(pick), True
+        texts, golds = (it["a"], it["b"]), (ga, gb)
+        rows.append({"id": it["id"], "prompt": it["prompt"], "chosen": texts[win], "rejected": texts[1 - win],
+                     "gold_chosen": golds[win], "gold_rejected": golds[1 - win], "flipped": flipped,
+                     "spurious": spurious, "gold_wrong": golds[win] < golds[1 - win]})
+    info = {"n_items": len(items), "n_ties_dropped": ties, "n_pairs": len(rows), "n_flipped": n_flip,
+            "n_spurious": sum(r["spurious"] for r in rows), "n_gold_wrong": sum(r["gold_wrong"] for r in rows)}
+    return rows, info
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def guarded(golds, degenerate):
+    """Per-output guarded gold: a degenerate output scores 0."""
+    if len(golds) != len(degenerate):
+        raise ValueError("golds and degenerate flags differ in length")
+    return [0.0 if d else float(g) for g, d in zip(golds, degenerate)]
+
+
+def guarded_gold(golds, degenerate) -> float:
+    vals = guarded(golds, degenerate)
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def win_rate(a, b) -> float:
+    """Share of paired outputs where a beats b (ties count one half)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("win_rate needs two non-empty lists of the same length")
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values, level: float = 0.95):
+    """(mean, lo, hi): Student-t interval of the mean over seeds; lo = hi = None with fewer than 2 values."""
+    if level != 0.95:
+        raise ValueError("only the 95 % interval is tabulated")
+    vals = [float(v) for v in values]
+    if not vals:
+        return float("nan"), None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None, None
+    df = len(vals) - 1
+    half = _T975.get(df, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return m, m - half, m + half
+
+
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0):
+    """Percentile 95 % bootstrap interval of a mean (over prompts, within one seed)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return None, None
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choice(vals) for _ in vals) / len(vals) for _ in range(n_boot))
+    return means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]
+
+
+def dropped_corruption(review_rows, pair_flags: dict) -> dict:
+    """Share of corrupted pairs among the dropped and the kept ones of one self-review.
+
+    review_rows: [{"id", "kept", ...}]; pair_flags: id -> {"flipped", "spurious", "gold_wrong"}.
+    """
+    out = {}
+    for name, sel in (("dropped", [r for r in review_rows if not r["kept"]]), ("kept", [r for r in review_rows if r["kept"]]),
+                      ("all", review_rows)):
+        n = len(sel)
+        out[f"n_{name}"] = n
+        for flag in ("flipped", "spurious", "gold_wrong"):
+            k = sum(bool(pair_flags[r["id"]][flag]) for r in sel)
+            out[f"{flag}_share_{name}"] = k / n if n else None
+    return out
