@@ -26,10 +26,11 @@ import copy
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,8 @@ from sera_openrlhf.bootstrap import (
 from sera_openrlhf.data import PairRecord, load_pairs, write_pairs
 from sera_openrlhf.errors import ConfigError, StateError
 from sera_openrlhf.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
-from sera_openrlhf.selection import SelectionConfig, apply_selector, assign_folds, jaccard, selection_stats
+from sera_openrlhf.selection import (SelectionConfig, apply_selector, assign_folds, jaccard, review_signal,
+                                     selection_stats)
 
 STATE_FILE = "sera_state.json"
 # flags that may change between a run and its resumption without changing what it computes
@@ -256,6 +258,8 @@ def validate_sera_args(args) -> None:
         raise ConfigError(f"--sera.converge_jaccard must be in [0, 1], got {s.converge_jaccard}")
     if s.bootstrap_nll_coef < 0:
         raise ConfigError(f"--sera.bootstrap_nll_coef must be >= 0, got {s.bootstrap_nll_coef}")
+    if not math.isfinite(s.review_min_z):
+        raise ConfigError(f"--sera.review_min_z must be finite, got {s.review_min_z}")
     if s.review_policy == "first_pass" and s.skip_first_training:
         raise ConfigError("--sera.review_policy first_pass needs a first training pass; drop "
                           "--sera.skip_first_training")
@@ -434,9 +438,25 @@ class Loop:
         prev = [self.read_review(u) for u in range(2, t)]
         table["irm_prev"] = [torch.tensor([p.get(i, float("nan")) for i in ids], dtype=torch.float64)
                              for p in prev]
-        result = apply_selector(s.selector, table, selection_config(self.args))
+        selector, config = s.selector, selection_config(self.args)
+        signal = review_signal(irm, out_of_fold=bool(fold_of))
+        signal["action"] = "select"
+        if signal["z"] is not None and signal["z"] < s.review_min_z:
+            keep_all = s.no_signal == "keep_all"
+            signal["action"] = "keep_all" if keep_all else "warned"
+            self.strategy.print(
+                f"[sera] warning: self-review has no signal at iteration {t}: the out-of-fold implicit reward "
+                f"agrees with {signal['label_agreement']:.1%} of {signal['n']} labels (z = {signal['z']:.2f} < "
+                f"--sera.review_min_z {s.review_min_z:g}), no better than chance, so selecting by IRM is random "
+                "subsampling. " + ("Keeping every offline pair (--sera.no_signal keep_all)." if keep_all else
+                                   "Train the review policies longer or on more data, or pass --sera.no_signal "
+                                   "keep_all to keep every pair when this happens."))
+            if keep_all:
+                selector, config = "top", replace(config, mode="top", keep_ratio=1.0, drop_negative=False)
+        result = apply_selector(selector, table, config)
         prev_kept = self.kept_ids(t - 1) if t >= 3 else None
         stats = selection_stats(table, result, previous_kept_ids=prev_kept)
+        stats["signal"] = signal
         stats["n_prompt_too_long"] = len(scores["too_long"])
         by_id = {r["id"]: r for r in self.rows}
         review_rows = [

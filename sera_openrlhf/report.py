@@ -379,6 +379,7 @@ def _collect(run_dir: str):
             "mean_kept_irm": _first(_num(_get(rv, "mean_irm_kept")), rv_files.get("mean_irm_kept")),
             "jaccard": _num(jac),
             "n_negative_irm": _first(_num(_get(rv, "n_negative_irm")), rv_files.get("n_negative_irm")),
+            "review_signal": _get(rv, "signal") if isinstance(_get(rv, "signal"), dict) else None,
             "irm_quantiles": _get(rv, "irm"),
             "mean_len_offline": mean_len_off,
             "n_prompts": _num(_get(gen, "n_prompts")),
@@ -890,6 +891,15 @@ def _markdown(report: dict, plots: dict) -> str:
              "generated (bootstrapped) pairs. *Offline kept* counts the pairs self-review kept; *generated* the "
              "bootstrapped pairs that entered training (of *bootstrapped pairs* made); *guard drops* the samples "
              "the fluency guard removed; *len* columns are mean token lengths, chosen / rejected.\n")
+    sig = [(it["iteration"], it["review_signal"]) for it in its
+           if it.get("review_signal") and _num(it["review_signal"].get("z")) is not None]
+    if sig:
+        L.append("Self-review signal (share of offline pairs whose out-of-fold IRM agrees with the label; chance "
+                 "is 50 %): " + "; ".join(
+                     f"iteration {t}: {_fmt(_num(g.get('label_agreement')), 'pct')}, z = {_fmt(_num(g['z']))}"
+                     + (" (**no signal**: selection kept every pair)" if g.get("action") == "keep_all" else
+                        " (**no signal**: selection is random subsampling)" if g.get("action") == "warned" else "")
+                     for t, g in sig) + ".\n")
     folds = [(it["iteration"], f) for it in its for f in (it["crossfit"] or [])]
     if folds:
         L.append("Cross-fitted review policies (iteration 1): " + "; ".join(

@@ -254,6 +254,25 @@ def selection_stats(
     return stats
 
 
+def review_signal(irm: Sequence[float] | torch.Tensor, out_of_fold: bool) -> dict:
+    """Does the implicit reward agree with the labels more often than chance?
+
+    irm: Tensor[N] (or list) of margins. Returns {"out_of_fold", "n", "label_agreement", "z"}:
+    label_agreement = share of pairs with IRM > 0 (IRM == 0 counts half); z = (agreement - 1/2) * 2 * sqrt(N),
+    the normal approximation of a one-sided binomial test against agreement 1/2. z is None unless the IRMs are
+    out-of-fold (cross-fitted review): a policy trained on the very pairs it scores agrees with them by
+    memorisation, whatever its reward has learned, so in-sample agreement tests nothing.
+    Without this signal, selecting by IRM is random subsampling that only throws data away.
+    """
+    irm = torch.as_tensor(irm, dtype=torch.float64)
+    n = int(irm.numel())
+    if n == 0:
+        return {"out_of_fold": out_of_fold, "n": 0, "label_agreement": None, "z": None}
+    agreement = (float((irm > 0).sum()) + 0.5 * float((irm == 0).sum())) / n
+    z = (agreement - 0.5) * 2.0 * math.sqrt(n) if out_of_fold else None
+    return {"out_of_fold": out_of_fold, "n": n, "label_agreement": agreement, "z": z}
+
+
 def _quantiles(x: torch.Tensor) -> dict | None:
     if x.numel() == 0:
         return None

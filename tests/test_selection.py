@@ -321,3 +321,17 @@ def test_auroc_hand_values():
     assert auroc([0.3, 0.5, 0.5, 0.1], [1, 0, 1, 0]) == 0.625
     with pytest.raises(ValueError, match="both positive and negative"):
         auroc([0.1, 0.2], [1, 1])
+
+
+def test_review_signal_hand_values():
+    from sera_openrlhf.selection import review_signal
+
+    sig = review_signal(torch.tensor([1.0, -1.0, 0.0, 2.0]), out_of_fold=True)
+    # 2 agree, 1 tie (half), 1 disagrees: 2.5 / 4; z = (0.625 - 0.5) * 2 * sqrt(4)
+    assert sig == {"out_of_fold": True, "n": 4, "label_agreement": 0.625, "z": pytest.approx(0.5)}
+    assert review_signal([3.0] * 100, out_of_fold=True)["z"] == pytest.approx(10.0)
+    assert review_signal([-1.0] * 9, out_of_fold=True)["z"] == pytest.approx(-3.0)
+    # in-sample margins agree by memorisation: no test
+    assert review_signal([1.0, 1.0], out_of_fold=False) == {"out_of_fold": False, "n": 2, "label_agreement": 1.0,
+                                                             "z": None}
+    assert review_signal([], out_of_fold=True)["label_agreement"] is None
