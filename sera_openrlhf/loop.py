@@ -258,8 +258,8 @@ def validate_sera_args(args) -> None:
         raise ConfigError(f"--sera.converge_jaccard must be in [0, 1], got {s.converge_jaccard}")
     if s.bootstrap_nll_coef < 0:
         raise ConfigError(f"--sera.bootstrap_nll_coef must be >= 0, got {s.bootstrap_nll_coef}")
-    if not math.isfinite(s.review_min_z):
-        raise ConfigError(f"--sera.review_min_z must be finite, got {s.review_min_z}")
+    if not 0.0 <= s.review_min_agreement <= 1.0:
+        raise ConfigError(f"--sera.review_min_agreement must be in [0, 1], got {s.review_min_agreement}")
     if s.review_policy == "first_pass" and s.skip_first_training:
         raise ConfigError("--sera.review_policy first_pass needs a first training pass; drop "
                           "--sera.skip_first_training")
@@ -441,14 +441,14 @@ class Loop:
         selector, config = s.selector, selection_config(self.args)
         signal = review_signal(irm, out_of_fold=bool(fold_of))
         signal["action"] = "select"
-        if signal["z"] is not None and signal["z"] < s.review_min_z:
+        if signal["lower_bound"] is not None and signal["lower_bound"] < s.review_min_agreement:
             keep_all = s.no_signal == "keep_all"
             signal["action"] = "keep_all" if keep_all else "warned"
             self.strategy.print(
                 f"[sera] warning: self-review has no signal at iteration {t}: the out-of-fold implicit reward "
-                f"agrees with {signal['label_agreement']:.1%} of {signal['n']} labels (z = {signal['z']:.2f} < "
-                f"--sera.review_min_z {s.review_min_z:g}), no better than chance, so selecting by IRM is random "
-                "subsampling. " + ("Keeping every offline pair (--sera.no_signal keep_all)." if keep_all else
+                f"agrees with {signal['label_agreement']:.1%} of {signal['n']} labels (95 % lower bound "
+                f"{signal['lower_bound']:.1%} < --sera.review_min_agreement {s.review_min_agreement:.0%}), hardly "
+                "better than chance, so selecting by IRM is close to random subsampling. " + ("Keeping every offline pair (--sera.no_signal keep_all)." if keep_all else
                                    "Train the review policies longer or on more data, or pass --sera.no_signal "
                                    "keep_all to keep every pair when this happens."))
             if keep_all:

@@ -892,11 +892,12 @@ def _markdown(report: dict, plots: dict) -> str:
              "bootstrapped pairs that entered training (of *bootstrapped pairs* made); *guard drops* the samples "
              "the fluency guard removed; *len* columns are mean token lengths, chosen / rejected.\n")
     sig = [(it["iteration"], it["review_signal"]) for it in its
-           if it.get("review_signal") and _num(it["review_signal"].get("z")) is not None]
+           if it.get("review_signal") and _num(it["review_signal"].get("lower_bound")) is not None]
     if sig:
         L.append("Self-review signal (share of offline pairs whose out-of-fold IRM agrees with the label; chance "
                  "is 50 %): " + "; ".join(
-                     f"iteration {t}: {_fmt(_num(g.get('label_agreement')), 'pct')}, z = {_fmt(_num(g['z']))}"
+                     f"iteration {t}: {_fmt(_num(g.get('label_agreement')), 'pct')} (95 % lower bound "
+                     f"{_fmt(_num(g['lower_bound']), 'pct')})"
                      + (" (**no signal**: selection kept every pair)" if g.get("action") == "keep_all" else
                         " (**no signal**: selection is random subsampling)" if g.get("action") == "warned" else "")
                      for t, g in sig) + ".\n")

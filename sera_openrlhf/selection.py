@@ -254,23 +254,28 @@ def selection_stats(
     return stats
 
 
-def review_signal(irm: Sequence[float] | torch.Tensor, out_of_fold: bool) -> dict:
-    """Does the implicit reward agree with the labels more often than chance?
+def review_signal(irm: Sequence[float] | torch.Tensor, out_of_fold: bool, z: float = 1.645) -> dict:
+    """Does the implicit reward agree with the labels clearly more often than chance?
 
-    irm: Tensor[N] (or list) of margins. Returns {"out_of_fold", "n", "label_agreement", "z"}:
-    label_agreement = share of pairs with IRM > 0 (IRM == 0 counts half); z = (agreement - 1/2) * 2 * sqrt(N),
-    the normal approximation of a one-sided binomial test against agreement 1/2. z is None unless the IRMs are
-    out-of-fold (cross-fitted review): a policy trained on the very pairs it scores agrees with them by
-    memorisation, whatever its reward has learned, so in-sample agreement tests nothing.
+    irm: Tensor[N] (or list) of margins. Returns {"out_of_fold", "n", "label_agreement", "lower_bound"}:
+    label_agreement = share of pairs with IRM > 0 (IRM == 0 counts half); lower_bound = its one-sided Wilson
+    score bound (z = 1.645: 95 %). lower_bound is None unless the IRMs are out-of-fold (cross-fitted review): a
+    policy trained on the very pairs it scores agrees with them by memorisation, whatever its reward learned, so
+    in-sample agreement tests nothing. A bound instead of a significance test, because with thousands of pairs a
+    useless 52 % agreement is already "significant".
     Without this signal, selecting by IRM is random subsampling that only throws data away.
     """
     irm = torch.as_tensor(irm, dtype=torch.float64)
     n = int(irm.numel())
     if n == 0:
-        return {"out_of_fold": out_of_fold, "n": 0, "label_agreement": None, "z": None}
-    agreement = (float((irm > 0).sum()) + 0.5 * float((irm == 0).sum())) / n
-    z = (agreement - 0.5) * 2.0 * math.sqrt(n) if out_of_fold else None
-    return {"out_of_fold": out_of_fold, "n": n, "label_agreement": agreement, "z": z}
+        return {"out_of_fold": out_of_fold, "n": 0, "label_agreement": None, "lower_bound": None}
+    p = (float((irm > 0).sum()) + 0.5 * float((irm == 0).sum())) / n
+    bound = None
+    if out_of_fold:
+        centre = p + z * z / (2 * n)
+        spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        bound = (centre - spread) / (1 + z * z / n)
+    return {"out_of_fold": out_of_fold, "n": n, "label_agreement": p, "lower_bound": bound}
 
 
 def _quantiles(x: torch.Tensor) -> dict | None:

@@ -96,3 +96,47 @@ def test_metrics_on_hand_made_inputs():
     st = M.dropped_corruption(review, flags)
     assert st["flipped_share_dropped"] == 0.5 and st["gold_wrong_share_dropped"] == 1.0
     assert st["flipped_share_kept"] == 0.5 and st["n_dropped"] == 2 and st["flipped_share_all"] == 0.5
+
+
+def test_gold_derived_pairs_for_the_reference_points(tmp_path):
+    """dpo_oracle trains on the pairs whose label agrees with gold; dpo_clean on every pair with its gold label."""
+    spec = importlib.util.spec_from_file_location("quality_run", os.path.join(REPO, "benchmarks", "quality", "run.py"))
+    run = importlib.util.module_from_spec(spec)
+    saved = dict(os.environ)
+    try:
+        spec.loader.exec_module(run)
+    finally:  # run.py sets its subprocess defaults (OMP_NUM_THREADS=1, ...) at import: keep them out of the suite
+        os.environ.clear()
+        os.environ.update(saved)
+    rows = [{"id": "ok", "prompt": "p", "chosen": "good", "rejected": "bad", "gold_chosen": 0.5, "gold_rejected": -0.5,
+             "flipped": False, "spurious": False, "gold_wrong": False},
+            {"id": "flip", "prompt": "p", "chosen": "awful", "rejected": "great", "gold_chosen": -0.6,
+             "gold_rejected": 0.6, "flipped": True, "spurious": False, "gold_wrong": True}]
+    run.write_jsonl(str(tmp_path / "pairs.jsonl"), rows)
+    oracle = run.read_jsonl(run.gold_derived_pairs(str(tmp_path), "dpo_oracle"))
+    assert [r["id"] for r in oracle] == ["ok"]
+    clean = {r["id"]: r for r in run.read_jsonl(run.gold_derived_pairs(str(tmp_path), "dpo_clean"))}
+    assert clean["ok"] == rows[0]
+    assert (clean["flip"]["chosen"], clean["flip"]["rejected"]) == ("great", "awful")
+    assert clean["flip"]["gold_chosen"] > clean["flip"]["gold_rejected"] and not clean["flip"]["gold_wrong"]
+    cmd = run.method_command("dpo_clean", {"model_dir": "m"}, run.SIZES["small"], str(tmp_path), 0, "out")
+    assert cmd[cmd.index("--data.dataset") + 1].endswith("pairs_clean.jsonl")
+    assert cmd[cmd.index("--train.max_epochs") + 1] == "3" and "--sera.iterations" in cmd
+
+
+def test_reward_agreement_and_pearson_hand_values():
+    # one prompt, three responses: gold order c > b > a; reward order b > c > a
+    group = [("p", "a", 0.0, 0.1), ("p", "bb", 0.5, 0.9), ("p", "ccc", 0.8, 0.5)]
+    # gold pairs: (a,b) agree, (a,c) agree, (b,c) disagree -> 2/3
+    longer = lambda p, a, b, ga, gb: 0 if len(a) > len(b) else 1  # noqa: E731
+    out = M.reward_agreement([group], longer)
+    assert out["gold"] == pytest.approx(2 / 3) and out["n_gold"] == 3
+    # spurious picks the longer: (a,b)->b agree, (a,c)->c agree, (b,c)->c disagree
+    assert out["spurious"] == pytest.approx(2 / 3) and out["n_spurious"] == 3
+    tie = M.reward_agreement([[("p", "a", 0.0, 0.3), ("p", "b", 1.0, 0.3), ("p", "c", 1.0, 0.0)]])
+    assert tie["gold"] == pytest.approx((0.5 + 0.0) / 2) and tie["n_gold"] == 2 and tie["spurious"] is None
+    assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert M.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert M.pearson([1, 1, 1], [1, 2, 3]) is None
+    with pytest.raises(ValueError):
+        M.pearson([1], [1, 2])

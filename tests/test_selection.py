@@ -327,11 +327,17 @@ def test_review_signal_hand_values():
     from sera_openrlhf.selection import review_signal
 
     sig = review_signal(torch.tensor([1.0, -1.0, 0.0, 2.0]), out_of_fold=True)
-    # 2 agree, 1 tie (half), 1 disagrees: 2.5 / 4; z = (0.625 - 0.5) * 2 * sqrt(4)
-    assert sig == {"out_of_fold": True, "n": 4, "label_agreement": 0.625, "z": pytest.approx(0.5)}
-    assert review_signal([3.0] * 100, out_of_fold=True)["z"] == pytest.approx(10.0)
-    assert review_signal([-1.0] * 9, out_of_fold=True)["z"] == pytest.approx(-3.0)
-    # in-sample margins agree by memorisation: no test
+    # 2 agree, 1 tie (half), 1 disagrees: 2.5 / 4
+    assert sig["label_agreement"] == 0.625 and sig["n"] == 4 and sig["out_of_fold"]
+    # one-sided 95 % Wilson bound, by hand: (p + z^2/2n - z*sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    z, p, n = 1.645, 0.625, 4
+    hand = (p + z * z / (2 * n) - z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5)) / (1 + z * z / n)
+    assert sig["lower_bound"] == pytest.approx(hand) and 0 < sig["lower_bound"] < 0.625
+    # the bound tightens with N: 56 % of 512 is not clearly above 55 %, 70 % of 512 is
+    assert review_signal([1.0] * 287 + [-1.0] * 225, out_of_fold=True)["lower_bound"] < 0.55
+    assert review_signal([1.0] * 358 + [-1.0] * 154, out_of_fold=True)["lower_bound"] > 0.65
+    assert review_signal([3.0] * 100, out_of_fold=True)["lower_bound"] == pytest.approx(1 / (1 + z * z / 100))
+    # in-sample margins agree by memorisation: no bound
     assert review_signal([1.0, 1.0], out_of_fold=False) == {"out_of_fold": False, "n": 2, "label_agreement": 1.0,
-                                                             "z": None}
+                                                             "lower_bound": None}
     assert review_signal([], out_of_fold=True)["label_agreement"] is None

@@ -63,20 +63,21 @@ def test_crossfitted_review_scores_each_fold_with_the_other_folds_policy(tiny_mo
     agreement = sum((r["irm"] > 0) + 0.5 * (r["irm"] == 0) for r in review) / len(review)
     assert signal["out_of_fold"] and signal["n"] == 64
     assert signal["label_agreement"] == pytest.approx(agreement)
-    assert signal["z"] == pytest.approx((agreement - 0.5) * 16)
-    assert signal["action"] == ("select" if signal["z"] >= 2.0 else "warned")
+    assert signal["lower_bound"] < agreement
+    assert signal["action"] == ("select" if signal["lower_bound"] >= 0.55 else "warned")
 
 
 @pytest.mark.slow
 def test_review_without_signal_keeps_every_pair_when_asked(tiny_model, tmp_path):
-    """--sera.no_signal keep_all: a cross-fitted review whose out-of-fold agreement is below --sera.review_min_z
-    (forced here with an unreachable z) warns and trains on every offline pair instead of a random subset."""
+    """--sera.no_signal keep_all: a cross-fitted review whose out-of-fold agreement is below
+    --sera.review_min_agreement (forced here with an unreachable 100 %) warns and trains on every offline pair
+    instead of a random subset."""
     rows = testing.preference_pairs(32, flip_share=0.25, seed=5)
     data = testing.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
     run_dir = tmp_path / "run"
     proc = run_cli(base_flags(tiny_model, data, str(run_dir), "--sera.enable", "--sera.iterations", "2",
                               "--sera.generated_share_max", "0", "--sera.crossfit_folds", "2",
-                              "--sera.review_min_z", "100", "--sera.no_signal", "keep_all"))
+                              "--sera.review_min_agreement", "1.0", "--sera.no_signal", "keep_all"))
     assert "self-review has no signal at iteration 2" in proc.stdout + proc.stderr
     review = read_jsonl(run_dir / "iter_2" / "review.jsonl")
     assert len(review) == 32 and all(r["kept"] for r in review)

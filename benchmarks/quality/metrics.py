@@ -173,3 +173,48 @@ def dropped_corruption(review_rows, pair_flags: dict) -> dict:
             k = sum(bool(pair_flags[r["id"]][flag]) for r in sel)
             out[f"{flag}_share_{name}"] = k / n if n else None
     return out
+
+
+# ------------------------------------------------------------------------------------------- implicit reward probe
+
+
+def reward_agreement(groups, spurious_fn=None):
+    """How often a model's implicit reward orders two responses to the same prompt as gold (or a spurious rule) does.
+
+    groups: per prompt, a list of (prompt, text, gold, reward) for its sampled responses. Every pair (i < j) of one
+    prompt is compared. Returns {"gold": share of pairs with unequal gold where the reward orders them as gold
+    does, "n_gold": that number of pairs, "spurious": share of pairs the spurious rule decides where the reward
+    prefers the response the rule prefers, "n_spurious"}; reward ties count 1/2; None where no pair qualifies.
+    """
+    def half(x):
+        return 1.0 if x > 0 else 0.5 if x == 0 else 0.0
+
+    g_hits = g_n = s_hits = s_n = 0.0
+    for group in groups:
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                (p, a, ga, ra), (_, b, gb, rb) = group[i], group[j]
+                if ga != gb:
+                    g_n += 1
+                    g_hits += half((ra - rb) * (1 if ga > gb else -1))
+                if spurious_fn is not None:
+                    pick = spurious_fn(p, a, b, ga, gb)
+                    if pick in (0, 1):
+                        s_n += 1
+                        s_hits += half((ra - rb) * (1 if pick == 0 else -1))
+    return {"gold": g_hits / g_n if g_n else None, "n_gold": int(g_n),
+            "spurious": s_hits / s_n if s_n else None, "n_spurious": int(s_n)}
+
+
+def pearson(x, y):
+    """Pearson correlation of two equal-length sequences; None when either is constant or shorter than 2."""
+    if len(x) != len(y):
+        raise ValueError(f"pearson: lengths differ ({len(x)} vs {len(y)})")
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None

@@ -54,8 +54,13 @@ METHODS = {
     "sera": ("full SeRA (defaults, guards on)", []),
     "sera_cf2": ("full SeRA, crossfit 2 folds", ["--sera.crossfit_folds", "2"]),
     "sera_ipo": ("full SeRA, IPO loss", ["--sera.loss", "ipo"]),
+    # reference points, not options a user has: they read the gold labels
+    "dpo_oracle": ("offline DPO, gold-wrong pairs removed (a perfect self-review)", ["--sera.iterations", "1"]),
+    "dpo_clean": ("offline DPO on gold labels (no corruption: the headroom)", ["--sera.iterations", "1"]),
 }
-DEFAULT_METHODS = ["dpo", "control", "sera_ss", "sera", "sera_cf2", "sera_ipo"]
+DEFAULT_METHODS = ["dpo", "control", "sera_ss", "sera", "sera_cf2", "sera_ipo", "dpo_oracle", "dpo_clean"]
+# the reference points train on a gold-derived copy of the seed's pairs
+GOLD_DATA = {"dpo_oracle": "pairs_oracle.jsonl", "dpo_clean": "pairs_clean.jsonl"}
 
 
 def log(msg):
@@ -294,10 +299,27 @@ def build_pairs(seed_dir, meta, cfg, seed, gold_fn, spurious_fn, flip_share):
 # ------------------------------------------------------------------------------------------- methods
 
 
+def gold_derived_pairs(seed_dir, name):
+    """The seed's pairs with the gold labels: `pairs_oracle.jsonl` drops every pair whose chosen has the lower
+    gold (what a perfect self-review would keep), `pairs_clean.jsonl` swaps them back (no corruption at all)."""
+    path = os.path.join(seed_dir, GOLD_DATA[name])
+    if not os.path.exists(path):
+        rows = []
+        for r in read_jsonl(os.path.join(seed_dir, "pairs.jsonl")):
+            if r["gold_wrong"] and name == "dpo_clean":
+                r = {**r, "chosen": r["rejected"], "rejected": r["chosen"], "gold_chosen": r["gold_rejected"],
+                     "gold_rejected": r["gold_chosen"], "gold_wrong": False}
+            if not r["gold_wrong"]:
+                rows.append(r)
+        write_jsonl(path, rows)
+    return path
+
+
 def method_command(name, meta, cfg, seed_dir, seed, run_dir):
     iters = cfg["iterations"]
+    data = gold_derived_pairs(seed_dir, name) if name in GOLD_DATA else os.path.join(seed_dir, "pairs.jsonl")
     base = [
-        "--model.model_name_or_path", meta["model_dir"], "--data.dataset", os.path.join(seed_dir, "pairs.jsonl"),
+        "--model.model_name_or_path", meta["model_dir"], "--data.dataset", data,
         "--data.prompt_key", "prompt", "--data.max_len", str(cfg["max_len"]),
         "--train.batch_size", str(cfg["batch_size"]), "--train.micro_batch_size", str(cfg["micro_batch_size"]),
         "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--adam.lr", str(cfg["lr"]),
@@ -307,9 +329,10 @@ def method_command(name, meta, cfg, seed_dir, seed, run_dir):
         "--sera.generation_batch_size", "64",
     ]
     # equal compute: offline DPO trains T epochs in one iteration; the iterative methods 1 epoch per iteration
-    epochs = iters if name == "dpo" else 1
+    offline = name == "dpo" or name in GOLD_DATA
+    epochs = iters if offline else 1
     extra = list(METHODS[name][1])
-    if name != "dpo":
+    if not offline:
         extra += ["--sera.iterations", str(iters)]
     return [sys.executable, "-m", "sera_openrlhf.cli.train_dpo", *base, "--train.max_epochs", str(epochs), *extra]
 
@@ -395,6 +418,46 @@ def evaluate_policy(policy, prompts, cfg, seed, gold_fn, init_path):
             "truncated": [s.truncated for _, s in flat]}
 
 
+def response_logps(model_path, prompts, texts):
+    """Sum of response-token log-probs of `prompt + text + " " + EOS` (the training format) under a model, and the
+    number of those tokens, with the product's scoring engine."""
+    import torch
+
+    from sera_openrlhf.scoring import SequenceItem, hf_logprob_fn, score_sequences
+
+    model, tok = load_model(model_path)
+    items = []
+    for p, t in zip(prompts, texts):
+        n_prompt = len(tok(p, add_special_tokens=False)["input_ids"])
+        ids = tok(p + t + " " + tok.eos_token, add_special_tokens=False)["input_ids"]
+        items.append(SequenceItem(torch.tensor(ids), n_prompt))
+    res = score_sequences(hf_logprob_fn(model), items, tok.pad_token_id, show_progress=False)
+    return res.logp_sum.tolist(), res.num_tokens.tolist()
+
+
+def reward_probe(policy, init_path, prompts, init_eval, cfg, spurious_fn, beta=0.1):
+    """The final policy's implicit reward r = beta * log(pi / pi_init) on the initial policy's held-out samples
+    (the same texts for every method): how often it orders two samples of one prompt as gold does, as the spurious
+    rule does, and its correlation with length (tokens)."""
+    k = cfg["eval_samples"]
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    texts = init_eval["texts"]
+    lp, lens = response_logps(policy, flat_prompts, texts)
+    lp0, _ = response_logps(init_path, flat_prompts, texts)
+    r = [beta * (a - b) for a, b in zip(lp, lp0)]
+
+    def agreement(reward):
+        groups = [[(flat_prompts[i], texts[i], init_eval["gold"][i], reward[i]) for i in range(n * k, (n + 1) * k)]
+                  for n in range(len(prompts))]
+        return M.reward_agreement(groups, spurious_fn)
+
+    out = agreement(r)
+    out["length_corr"] = M.pearson(r, [float(x) for x in lens])
+    # the per-token form (--sera.length_normalized_reward) removes the length term
+    out["gold_per_token"] = agreement([x / n for x, n in zip(r, lens)])["gold"]
+    return out
+
+
 def review_stats(run_dir, pairs_by_id):
     out = []
     for d in sorted(glob.glob(os.path.join(run_dir, "iter_*")), key=lambda x: int(x.rsplit("_", 1)[1])):
@@ -449,7 +512,8 @@ def summarise(per_seed, methods):
         for key in ("guarded_gold", "mean_gold", "degenerate_share", "mean_length", "nll_init", "win_vs_init",
                     "win_vs_dpo", "train_tokens", "generated_tokens", "review_scoring_tokens", "wall_seconds",
                     "auroc_flipped_first_review", "flipped_share_dropped_first_review", "boot_gold_agreement",
-                    "truncated_share", "flipped_share_kept_last_review", "n_generated_pairs_trained"):
+                    "truncated_share", "flipped_share_kept_last_review", "n_generated_pairs_trained",
+                    "ir_gold_agreement", "ir_spurious_agreement", "ir_length_corr", "ir_gold_agreement_per_token"):
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 mean, lo, hi = M.mean_ci(vals)
@@ -491,7 +555,24 @@ def write_markdown(out, table, methods, info):
             f"{fmt(a.get('auroc_flipped_first_review'), digits=2)} | "
             f"{fmt(a.get('flipped_share_dropped_first_review'), pct=True)} | "
             f"{fmt(a.get('flipped_share_kept_last_review'), pct=True)} | {fmt(a.get('wall_seconds'), digits=0)} |")
-    lines += ["", f"Flipped share of the offline pairs: {info['flip_share']:.0%} (base rate for 'flips among dropped')."]
+    lines += ["", f"Flipped share of the offline pairs: {info['flip_share']:.0%} (base rate for 'flips among dropped').",
+              "", "## The implicit reward as a reward model", "",
+              "Each final policy's implicit reward r = β·log(π/π_init), β = 0.1, on the initial policy's held-out "
+              "samples (the same texts for every method): the share of same-prompt sample pairs it orders as gold "
+              "does (chance 50 %), the share of pairs the spurious rule decides where it prefers what the rule "
+              "prefers, and its correlation with response length. Self-review and bootstrapping rank by this "
+              "reward, so they can only beat offline DPO where it is better than chance.", "",
+              "| method | r agrees with gold | r per token agrees with gold | r agrees with spurious rule | "
+              "corr(r, length) | AUROC(-IRM→flip), first review | boot. pairs gold-agree |",
+              "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        a = table.get(m)
+        if a:
+            lines.append(f"| {labels[m]} | {fmt(a.get('ir_gold_agreement'), ci=True)} | "
+                         f"{fmt(a.get('ir_gold_agreement_per_token'), ci=True)} | "
+                         f"{fmt(a.get('ir_spurious_agreement'), ci=True)} | {fmt(a.get('ir_length_corr'), digits=2)} | "
+                         f"{fmt(a.get('auroc_flipped_first_review'), digits=2)} | "
+                         f"{fmt(a.get('boot_gold_agreement'), pct=True)} |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -585,6 +666,9 @@ def main(argv=None):
             else:
                 log(f"seed {seed}: evaluating {m}")
                 ev = evaluate_policy(policy, eval_prompts, cfg, seed, gold_fn, meta["model_dir"])
+            if m != "init" and "reward_probe" not in ev:
+                ev["reward_probe"] = reward_probe(policy, meta["model_dir"], eval_prompts, evals["init"], cfg,
+                                                  spurious_fn)
             evals[m] = ev
             summ = {**info, "eval": ev, "guarded_gold": sum(ev["guarded"]) / len(ev["guarded"]),
                     "mean_gold": sum(ev["gold"]) / len(ev["gold"]),
@@ -592,6 +676,11 @@ def main(argv=None):
                     "mean_length": sum(ev["length"]) / len(ev["length"]),
                     "nll_init": sum(ev["nll_init"]) / len(ev["nll_init"]),
                     "truncated_share": sum(ev["truncated"]) / len(ev["truncated"])}
+            if "reward_probe" in ev:
+                summ["ir_gold_agreement"] = ev["reward_probe"]["gold"]
+                summ["ir_spurious_agreement"] = ev["reward_probe"]["spurious"]
+                summ["ir_length_corr"] = ev["reward_probe"]["length_corr"]
+                summ["ir_gold_agreement_per_token"] = ev["reward_probe"].get("gold_per_token")
             if m != "init":
                 rs = review_stats(run_dir, pairs_by_id)
                 summ["reviews"] = rs
