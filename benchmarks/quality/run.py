@@ -510,7 +510,7 @@ def summarise(per_seed, methods):
             continue
         agg = {"n_seeds": len(rows)}
         for key in ("guarded_gold", "mean_gold", "degenerate_share", "mean_length", "nll_init", "win_vs_init",
-                    "win_vs_dpo", "train_tokens", "generated_tokens", "review_scoring_tokens", "wall_seconds",
+                    "win_vs_dpo", "win_vs_control", "train_tokens", "generated_tokens", "review_scoring_tokens", "wall_seconds",
                     "auroc_flipped_first_review", "flipped_share_dropped_first_review", "boot_gold_agreement",
                     "truncated_share", "flipped_share_kept_last_review", "n_generated_pairs_trained",
                     "ir_gold_agreement", "ir_spurious_agreement", "ir_length_corr", "ir_gold_agreement_per_token"):
@@ -537,10 +537,10 @@ def write_markdown(out, table, methods, info):
     lines = [f"# Alignment quality (gold reward): {info['size']}, {info['n_seeds']} seed(s)", "",
              "guarded gold = gold with degenerate outputs counted as 0 (headline); win rates compare guarded gold "
              "per held-out prompt and sample index; [lo, hi] = 95 % t-interval over seeds (none with 1 seed).", "",
-             "| method | guarded gold | mean gold | degenerate | win vs init | win vs DPO | length | NLL (init) | "
+             "| method | guarded gold | mean gold | degenerate | win vs init | win vs DPO | win vs control | length | NLL (init) | "
              "truncated | train tokens | generated tokens | boot. pairs trained | boot. pairs gold-agree | "
              "AUROC(-IRM→flip) | flips among dropped | flips among kept (last) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in ["init"] + methods:
         if m not in table:
             continue
@@ -549,7 +549,8 @@ def write_markdown(out, table, methods, info):
         lines.append(
             f"| {labels[m]} | {fmt(a.get('guarded_gold'), ci=True)} | {fmt(a.get('mean_gold'))} | "
             f"{fmt(a.get('degenerate_share'), pct=True)} | {fmt(a.get('win_vs_init'), ci=True)} | "
-            f"{fmt(a.get('win_vs_dpo'), ci=True)} | {fmt(a.get('mean_length'), digits=1)} | {fmt(a.get('nll_init'), digits=2)} | "
+            f"{fmt(a.get('win_vs_dpo'), ci=True)} | {fmt(a.get('win_vs_control'), ci=True)} | "
+            f"{fmt(a.get('mean_length'), digits=1)} | {fmt(a.get('nll_init'), digits=2)} | "
             f"{fmt(a.get('truncated_share'), pct=True)} | {tok('train_tokens')} | {tok('generated_tokens')} | "
             f"{fmt(a.get('n_generated_pairs_trained'), digits=0)} | {fmt(a.get('boot_gold_agreement'), pct=True)} | "
             f"{fmt(a.get('auroc_flipped_first_review'), digits=2)} | "
@@ -696,6 +697,8 @@ def main(argv=None):
             summ["win_vs_init"] = M.win_rate(evals[m]["guarded"], evals["init"]["guarded"])
             if "dpo" in evals:
                 summ["win_vs_dpo"] = M.win_rate(evals[m]["guarded"], evals["dpo"]["guarded"])
+            if "control" in evals:
+                summ["win_vs_control"] = M.win_rate(evals[m]["guarded"], evals["control"]["guarded"])
             summ["guarded_gold_prompt_bootstrap_ci"] = M.bootstrap_ci(summ["eval"]["guarded"], seed=seed)
         with open(ev_path, "w") as f:
             json.dump({m: {"eval": s["eval"], "wall_seconds": s.get("wall_seconds")}
