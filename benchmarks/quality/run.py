@@ -234,30 +234,31 @@ def sample(model_path, prompts, n, max_new_tokens, seed, batch_size=64):
     return build_generator("hf", tok, cfg, model=model).generate(list(prompts))
 
 
-def response_nll(model_path, prompts, responses, batch_size=64):
-    """Mean per-token NLL of each response (its tokens, EOS included) given its prompt under a model."""
+def score_responses(model_path, prompts, responses, to_ids):
+    """(log-prob sums, token counts) of each response given its prompt under a model, with the product's scoring
+    engine. to_ids(tokenizer, prompt, response) -> the full token ids, prompt first."""
     import torch
 
+    from sera_openrlhf.scoring import SequenceItem, hf_logprob_fn, score_sequences
+
     model, tok = load_model(model_path)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ps, rs = prompts[i:i + batch_size], responses[i:i + batch_size]
-        seqs, starts = [], []
-        for p, r in zip(ps, rs):
-            pid = tok(p, add_special_tokens=False)["input_ids"]
-            rid = list(r)  # token ids
-            seqs.append(pid + rid)
-            starts.append(len(pid))
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        tgt = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-        for b, (s, st) in enumerate(zip(seqs, starts)):
-            n = len(s) - st
-            out.append(float(-tgt[b, st - 1:len(s) - 1].sum()) / max(n, 1) if n else float("nan"))
-    return out
+    items = [SequenceItem(torch.tensor(to_ids(tok, p, r)), len(tok(p, add_special_tokens=False)["input_ids"]))
+             for p, r in zip(prompts, responses)]
+    res = score_sequences(hf_logprob_fn(model), items, tok.pad_token_id, show_progress=False)
+    return res.logp_sum.tolist(), res.num_tokens.tolist()
+
+
+def response_nll(model_path, prompts, responses):
+    """Mean per-token NLL of each generated response (its token ids, EOS included) given its prompt."""
+    sums, counts = score_responses(model_path, prompts, responses,
+                                   lambda tok, p, r: tok(p, add_special_tokens=False)["input_ids"] + list(r))
+    return [-s / n if n else float("nan") for s, n in zip(sums, counts)]
+
+
+def response_logps(model_path, prompts, texts):
+    """Sum of response-token log-probs of `prompt + text + " " + EOS` (the training format), and their number."""
+    return score_responses(model_path, prompts, texts,
+                           lambda tok, p, t: tok(p + t + " " + tok.eos_token, add_special_tokens=False)["input_ids"])
 
 
 # ------------------------------------------------------------------------------------------- per-seed data
@@ -418,23 +419,6 @@ def evaluate_policy(policy, prompts, cfg, seed, gold_fn, init_path):
             "truncated": [s.truncated for _, s in flat]}
 
 
-def response_logps(model_path, prompts, texts):
-    """Sum of response-token log-probs of `prompt + text + " " + EOS` (the training format) under a model, and the
-    number of those tokens, with the product's scoring engine."""
-    import torch
-
-    from sera_openrlhf.scoring import SequenceItem, hf_logprob_fn, score_sequences
-
-    model, tok = load_model(model_path)
-    items = []
-    for p, t in zip(prompts, texts):
-        n_prompt = len(tok(p, add_special_tokens=False)["input_ids"])
-        ids = tok(p + t + " " + tok.eos_token, add_special_tokens=False)["input_ids"]
-        items.append(SequenceItem(torch.tensor(ids), n_prompt))
-    res = score_sequences(hf_logprob_fn(model), items, tok.pad_token_id, show_progress=False)
-    return res.logp_sum.tolist(), res.num_tokens.tolist()
-
-
 def reward_probe(policy, init_path, prompts, init_eval, cfg, spurious_fn, beta=0.1):
     """The final policy's implicit reward r = beta * log(pi / pi_init) on the initial policy's held-out samples
     (the same texts for every method): how often it orders two samples of one prompt as gold does, as the spurious
@@ -465,14 +449,12 @@ def review_stats(run_dir, pairs_by_id):
         if not os.path.exists(rv):
             continue
         rows = read_jsonl(rv)
-        flags = {i: pairs_by_id[i] for i in pairs_by_id}
         neg_irm = [-r["irm"] for r in rows]
-        lab_f = [bool(flags[r["id"]]["flipped"]) for r in rows]
-        lab_w = [bool(flags[r["id"]]["gold_wrong"]) for r in rows]
+        lab_f = [bool(pairs_by_id[r["id"]]["flipped"]) for r in rows]
+        lab_w = [bool(pairs_by_id[r["id"]]["gold_wrong"]) for r in rows]
         st = {"iteration": int(d.rsplit("_", 1)[1]),
               "auroc_flipped": _auroc(neg_irm, lab_f), "auroc_gold_wrong": _auroc(neg_irm, lab_w)}
-        st.update(M.dropped_corruption(rows, flags))
-        bp = os.path.join(d, "bootstrapped.jsonl")
+        st.update(M.dropped_corruption(rows, pairs_by_id))
         out.append(st)
     return out
 
