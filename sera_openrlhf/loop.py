@@ -26,7 +26,6 @@ import copy
 import fcntl
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -444,13 +443,14 @@ class Loop:
         if signal["lower_bound"] is not None and signal["lower_bound"] < s.review_min_agreement:
             keep_all = s.no_signal == "keep_all"
             signal["action"] = "keep_all" if keep_all else "warned"
+            advice = ("Keeping every offline pair (--sera.no_signal keep_all)." if keep_all else
+                      "Train the review policies longer or on more data, or pass --sera.no_signal keep_all to keep "
+                      "every pair when this happens.")
             self.strategy.print(
                 f"[sera] warning: self-review has no signal at iteration {t}: the out-of-fold implicit reward "
                 f"agrees with {signal['label_agreement']:.1%} of {signal['n']} labels (95 % lower bound "
                 f"{signal['lower_bound']:.1%} < --sera.review_min_agreement {s.review_min_agreement:.0%}), hardly "
-                "better than chance, so selecting by IRM is close to random subsampling. " + ("Keeping every offline pair (--sera.no_signal keep_all)." if keep_all else
-                                   "Train the review policies longer or on more data, or pass --sera.no_signal "
-                                   "keep_all to keep every pair when this happens."))
+                f"better than chance, so selecting by IRM is close to random subsampling. {advice}")
             if keep_all:
                 selector, config = "top", replace(config, mode="top", keep_ratio=1.0, drop_negative=False)
         result = apply_selector(selector, table, config)

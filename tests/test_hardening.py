@@ -141,6 +141,16 @@ def test_empty_dataset_is_a_clear_error(tiny_model, tmp_path):
     assert proc.returncode == 2 and "empty.jsonl" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_review_min_agreement_out_of_range_is_refused_before_training(tiny_model, tiny_data, tmp_path, value):
+    run_dir = tmp_path / "run"
+    proc = run_cli(base_flags(tiny_model, tiny_data, str(run_dir), "--sera.enable", "--sera.crossfit_folds", "2",
+                              "--sera.review_min_agreement", value), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"--sera.review_min_agreement must be in [0, 1], got {float(value)}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (run_dir / "iter_1").exists()
+
+
 # -- tokenizers -----------------------------------------------------------------------------------------------
 def _tokenizer_variant(tiny_model, tmp_path, **changes):
     import shutil

@@ -69,8 +69,8 @@ def add_sera_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "crossfit_folds", "Cross-fitted self-review: score each of K folds with a policy trained without it "
          "(0 or 1 = off, score in-sample)", type=int, default=0)
     _add(g, "review_min_agreement", "With cross-fitted review: the share of labels the out-of-fold IRM must agree "
-         "with (its one-sided 95-percent lower confidence bound) for self-review to count as having a signal", type=float,
-         default=0.55)
+         "with (its one-sided 95-percent lower confidence bound) for self-review to count as having a signal",
+         type=float, default=0.55)
     _add(g, "no_signal", "What a cross-fitted review without signal does: warn and select anyway, or keep_all "
          "(train on every offline pair that iteration)", type=str, default="warn", choices=["warn", "keep_all"])
     _add(g, "review_policy", "Policy that scores offline pairs: the current one, or the short first-pass policy "
