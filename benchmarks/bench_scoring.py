@@ -23,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tiny
 
 from sera_openrlhf.scoring import (  # noqa: E402
     SequenceItem,
@@ -36,7 +37,7 @@ from sera_openrlhf.scoring import (  # noqa: E402
 
 def load_model(spec: str, device: str):
     if spec == "tiny":
-        from sera_openrlhf.testing import tiny_llama
+        from tiny import tiny_llama
 
         model = tiny_llama(128, max_position_embeddings=512)
     else:

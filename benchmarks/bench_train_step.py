@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # tiny
 
 
 class Strategy:
@@ -82,7 +83,7 @@ def make_args(max_len):
 
 def load_rows(model_dir, n, tiny):
     if tiny:
-        from sera_openrlhf.testing import preference_pairs
+        from tiny import preference_pairs
 
         return [{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in preference_pairs(n)]
     from sera_openrlhf.assets import default_dataset_path
@@ -117,7 +118,7 @@ def main():
     tiny = a.model is None
     model_dir = a.model or tempfile.mkdtemp(prefix="bench_tiny_")
     if tiny:
-        from sera_openrlhf.testing import build_tiny_llama
+        from tiny import build_tiny_llama
 
         build_tiny_llama(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

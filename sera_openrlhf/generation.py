@@ -12,46 +12,42 @@ same prompt gives the same token ids whichever backend runs. Both use plain temp
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .config import BootstrapConfig, check_group_value
 from .errors import ConfigError
 
 BACKENDS = ("hf", "vllm")
 
 
+# GenerationConfig field -> its flag in config.BootstrapConfig (defaults, help and checks live there)
+_FLAGS = {"num_samples": "num_samples", "temperature": "temperature", "top_p": "top_p",
+          "max_new_tokens": "max_new_tokens", "batch_size": "generation_batch_size"}
+
+
 @dataclass
 class GenerationConfig:
-    """Sampling settings shared by the backends; field <name> is the flag `--sera.<name>`, except batch_size
-    (`--sera.generation_batch_size`)."""
+    """Sampling settings shared by the backends: the `--sera.*` generation flags (defaults and valid values from
+    `sera_openrlhf.config.BootstrapConfig`) plus the sampling seed (same seed and batch size, same samples)."""
 
-    num_samples: int = field(default=4, metadata={"help": "responses sampled per prompt (N of SeRA-PB)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 = greedy"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold in (0, 1]"})
-    max_new_tokens: int = field(
-        default=128, metadata={"help": "response length cap; a response without EOS within it is 'truncated'"}
-    )
-    seed: int = field(
-        default=42, metadata={"help": "sampling seed; the same seed (and batch size) gives the same samples"}
-    )
-    batch_size: int = field(
-        default=16, metadata={"help": "HF backend: sequences (prompts x samples) per generate call"}
-    )
+    num_samples: int = BootstrapConfig.num_samples
+    temperature: float = BootstrapConfig.temperature
+    top_p: float = BootstrapConfig.top_p
+    max_new_tokens: int = BootstrapConfig.max_new_tokens
+    seed: int = 42
+    batch_size: int = BootstrapConfig.generation_batch_size
 
     def validate(self) -> None:
-        for name, flag in (("num_samples", "num_samples"), ("max_new_tokens", "max_new_tokens"),
-                           ("batch_size", "generation_batch_size")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--sera.{flag} must be an integer >= 1, got {value!r}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"--sera.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ConfigError(f"--sera.top_p must be in (0, 1], got {self.top_p!r}")
+        for name, flag in _FLAGS.items():
+            check_group_value(BootstrapConfig, flag, getattr(self, name))
+
+    @classmethod
+    def from_bootstrap(cls, cfg: BootstrapConfig, seed: int) -> "GenerationConfig":
+        return cls(**{name: getattr(cfg, flag) for name, flag in _FLAGS.items()}, seed=seed)
 
 
 @dataclass

@@ -303,15 +303,3 @@ def implicit_reward(loss: DAALoss, logps: Tensor, ref_logps: Optional[Tensor] = 
                     lengths: Optional[Tensor] = None) -> Tensor:
     """The implicit reward [B] that `loss` trains; IRM = implicit_reward(chosen) - implicit_reward(rejected)."""
     return loss.implicit_reward(logps, ref_logps, lengths)
-
-
-def reduce_losses(losses: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """Scalar training loss: mean of `losses` [B], each first multiplied by `weights` [B] if given.
-
-    Weights scale examples (e.g. importance weights); the mean is still over B, not over the weights' sum.
-    """
-    if weights is None:
-        return losses.mean()
-    if weights.shape != losses.shape:
-        raise ValueError(f"weights shape {tuple(weights.shape)} does not match losses shape {tuple(losses.shape)}")
-    return (losses * weights).mean()

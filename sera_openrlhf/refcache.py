@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
@@ -70,8 +69,7 @@ class ReferenceCache:
 
     cache_dir: directory of cache files (created on first save).
     model_fingerprint: hex digest from `scoring.model_fingerprint` (at least 16 hex characters).
-    on_corrupt: "error" (default): a file that fails its checksum or cannot be read raises StateError naming it;
-        "recompute": warn and start empty (the file is overwritten on the next save).
+    A file that fails its checksum or cannot be read raises StateError naming it (delete it to recompute).
     writer: whether this process saves (set False on all but one rank per shared file system; every rank
         still computes, so all ranks hold the same entries).
     """
@@ -81,17 +79,13 @@ class ReferenceCache:
         cache_dir: str,
         model_fingerprint: str,
         *,
-        on_corrupt: str = "error",
         writer: bool = True,
     ) -> None:
-        if on_corrupt not in ("error", "recompute"):
-            raise ConfigError(f"on_corrupt must be 'error' or 'recompute', got {on_corrupt!r}")
         fp = str(model_fingerprint)
         if len(fp) < 16 or any(ch not in "0123456789abcdef" for ch in fp.lower()):
             raise ConfigError(f"model_fingerprint must be a hex digest of >= 16 characters, got {fp!r}")
         self.cache_dir = os.fspath(cache_dir)
         self.fingerprint = fp
-        self.on_corrupt = on_corrupt
         self.writer = writer
         self.path = os.path.join(self.cache_dir, f"ref_logps-{fp[:16]}.pt")
         self.checksum_path = self.path + ".sha256"
@@ -102,14 +96,8 @@ class ReferenceCache:
     # ---------------------------------------------------------------------------------------------------- disk
 
     def _corrupt(self, why: str) -> None:
-        msg = (
-            f"reference log-prob cache {self.path} is unusable: {why}. Delete it (and {self.checksum_path}) to "
-            "recompute, or pass on_corrupt='recompute'."
-        )
-        if self.on_corrupt == "error":
-            raise StateError(msg)
-        warnings.warn(msg + " Recomputing from scratch.", RuntimeWarning, stacklevel=3)
-        self.entries = {}
+        raise StateError(f"reference log-prob cache {self.path} is unusable: {why}. Delete it (and "
+                         f"{self.checksum_path}) to recompute.")
 
     def _accepted_checksums(self) -> Optional[List[str]]:
         try:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from sera_openrlhf.config import ReviewConfig, check_group_value
 from sera_openrlhf.errors import ConfigError, NonFiniteError, SelectionError
 from sera_openrlhf.registry import Registry
 
@@ -27,57 +28,34 @@ PairTable = dict
 SELECTORS = Registry("selector")
 
 
+# SelectionConfig field -> its flag in config.ReviewConfig (defaults, help and checks live there)
+_FLAGS = {"mode": "select_mode", "keep_ratio": "keep_ratio", "threshold": "threshold",
+          "direction": "select_direction", "drop_negative": "drop_negative_irm", "min_keep": "min_keep"}
+
+
 @dataclass
 class SelectionConfig:
-    """Which offline pairs SeRA-SS keeps. Each field's metadata names its command-line flag."""
+    """What the built-in selectors read (and what a custom selector receives): the `--sera.*` review flags under
+    short names. Defaults and valid values are those of `sera_openrlhf.config.ReviewConfig`."""
 
-    mode: str = field(
-        default="top",
-        metadata={"flag": "--sera.select_mode", "help": "'top': keep a share of pairs ranked by IRM; "
-                  "'threshold': keep pairs whose IRM passes --sera.threshold."},
-    )
-    keep_ratio: float = field(
-        default=0.7,
-        metadata={"flag": "--sera.keep_ratio", "help": "Share of ALL pairs kept in 'top' mode, in (0, 1]. "
-                  "k = max(min_keep, round-half-up(keep_ratio * N)), capped by the pairs left after "
-                  "--sera.drop_negative_irm."},
-    )
-    threshold: float = field(
-        default=0.0,
-        metadata={"flag": "--sera.threshold", "help": "IRM cut in 'threshold' mode: keep IRM >= threshold "
-                  "(direction 'high') or IRM <= threshold ('low')."},
-    )
-    direction: str = field(
-        default="high",
-        metadata={"flag": "--sera.select_direction", "help": "'high' keeps the pairs the model separates best "
-                  "(SeRA); 'low' keeps the hardest pairs (arXiv 2508.04149)."},
-    )
-    drop_negative: bool = field(
-        default=False,
-        metadata={"flag": "--sera.drop_negative_irm", "help": "Always drop pairs with IRM < 0 (the model prefers "
-                  "the rejected response: often a flipped label) before applying the mode."},
-    )
-    min_keep: int = field(
-        default=1,
-        metadata={"flag": "--sera.min_keep", "help": "Fewest pairs a selection may keep; fewer is an error. "
-                  "In 'top' mode k is raised to at least this."},
-    )
+    mode: str = ReviewConfig.select_mode
+    keep_ratio: float = ReviewConfig.keep_ratio
+    threshold: float = ReviewConfig.threshold
+    direction: str = ReviewConfig.select_direction
+    drop_negative: bool = ReviewConfig.drop_negative_irm
+    min_keep: int = ReviewConfig.min_keep
 
     def __post_init__(self):
-        if self.mode not in ("top", "threshold"):
-            raise ConfigError(f"{_flag('mode')} must be 'top' or 'threshold', got {self.mode!r}")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ConfigError(f"{_flag('keep_ratio')} must be in (0, 1], got {self.keep_ratio}")
-        if not math.isfinite(self.threshold):
-            raise ConfigError(f"{_flag('threshold')} must be finite, got {self.threshold}")
-        if self.direction not in ("high", "low"):
-            raise ConfigError(f"{_flag('direction')} must be 'high' or 'low', got {self.direction!r}")
-        if self.min_keep < 1:
-            raise ConfigError(f"{_flag('min_keep')} must be >= 1, got {self.min_keep}")
+        for name, flag in _FLAGS.items():
+            check_group_value(ReviewConfig, flag, getattr(self, name))
+
+    @classmethod
+    def from_review(cls, review: ReviewConfig) -> "SelectionConfig":
+        return cls(**{name: getattr(review, flag) for name, flag in _FLAGS.items()})
 
 
 def _flag(name: str) -> str:
-    return next(f.metadata["flag"] for f in fields(SelectionConfig) if f.name == name)
+    return f"--sera.{_FLAGS[name]}"
 
 
 @dataclass

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from sera_openrlhf import testing
+import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {
@@ -31,13 +31,13 @@ for k, v in ENV.items():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny_llama"))
-    return testing.build_tiny_llama(path, pretrain_steps=120)
+    return tiny.build_tiny_llama(path, pretrain_steps=120)
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_data") / "pairs.jsonl"
-    return testing.write_jsonl(str(path), testing.preference_pairs(64, seed=1))
+    return tiny.write_jsonl(str(path), tiny.preference_pairs(64, seed=1))
 
 
 def base_flags(model: str, data: str, out: str, *extra: str) -> list[str]:
@@ -50,8 +50,12 @@ def base_flags(model: str, data: str, out: str, *extra: str) -> list[str]:
 
 
 def run_cli(args, launcher=None, timeout=600, env=None, check=True) -> subprocess.CompletedProcess:
-    """Run `python -m sera_openrlhf.cli.train_dpo ARGS` (or under `launcher`, e.g. torchrun) in a subprocess."""
-    cmd = (launcher or [sys.executable, "-m"]) + ["sera_openrlhf.cli.train_dpo", *args]
+    """Run `python -m sera_openrlhf.cli.train_dpo ARGS` (or under `launcher`, e.g. torchrun) in a subprocess; with
+    SERA_FAULT_KILL_AT in `env`, the entry point with fault injection (tests/fault_cli.py) instead."""
+    if "SERA_FAULT_KILL_AT" in (env or {}):
+        cmd = (launcher or [sys.executable]) + [os.path.join(REPO, "tests", "fault_cli.py"), *args]
+    else:
+        cmd = (launcher or [sys.executable, "-m"]) + ["sera_openrlhf.cli.train_dpo", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, **ENV, **(env or {})})
     if check and proc.returncode != 0:

@@ -19,7 +19,7 @@ from conftest import base_flags, read_jsonl, run_cli
 
 from sera_openrlhf import fileio
 from sera_openrlhf.errors import StateError
-from sera_openrlhf.loop import RunLock, RunState
+from sera_openrlhf.state import RunLock, RunState
 
 
 # -- atomic writes -------------------------------------------------------------------------------------------
@@ -39,34 +39,34 @@ def test_write_error_keeps_the_previous_complete_file(tmp_path, monkeypatch):
 
 # -- run directory: lock and state ----------------------------------------------------------------------------
 def test_second_run_on_the_same_directory_is_refused(tmp_path):
-    lock = RunLock(str(tmp_path))
+    lock = RunLock(str(tmp_path / ".lock"))
     with pytest.raises(StateError, match="in use by another SeRA run"):
-        RunLock(str(tmp_path))
+        RunLock(str(tmp_path / ".lock"))
     lock.release()
-    RunLock(str(tmp_path)).release()  # free again once released
+    RunLock(str(tmp_path / ".lock")).release()  # free again once released
 
 
 def test_corrupted_state_file_is_detected(tmp_path):
-    state = RunState(str(tmp_path), {"sera": {"keep_ratio": 0.7}}, force=False, writer=True)
-    state.mark("iter1/train", {"loss_last": 0.3}, 1)
+    state = RunState(str(tmp_path / "sera_state.json"), {"sera": {"keep_ratio": 0.7}}, force=False, writer=True)
+    state.mark("iter1/train", {"loss_last": 0.3}, 1, seconds=1.0)
     path = tmp_path / "sera_state.json"
     data = json.loads(path.read_text())
     data["done"].append("iter2/review")  # an edit that skips a phase
     path.write_text(json.dumps(data))
     with pytest.raises(StateError, match="fails its checksum"):
-        RunState(str(tmp_path), {"sera": {"keep_ratio": 0.7}}, force=False, writer=True)
+        RunState(str(tmp_path / "sera_state.json"), {"sera": {"keep_ratio": 0.7}}, force=False, writer=True)
     path.write_text("{not json")
     with pytest.raises(StateError, match="unreadable"):
-        RunState(str(tmp_path), {"sera": {"keep_ratio": 0.7}}, force=False, writer=True)
+        RunState(str(tmp_path / "sera_state.json"), {"sera": {"keep_ratio": 0.7}}, force=False, writer=True)
 
 
 def test_changed_configuration_names_the_flag(tmp_path):
-    RunState(str(tmp_path), {"sera": {"keep_ratio": 0.7}, "local_rank": 0}, force=False, writer=True).save()
+    RunState(str(tmp_path / "sera_state.json"), {"sera": {"keep_ratio": 0.7}, "local_rank": 0}, force=False, writer=True).save()
     # a launcher-assigned flag may differ
-    RunState(str(tmp_path), {"sera": {"keep_ratio": 0.7}, "local_rank": 3}, force=False, writer=True)
+    RunState(str(tmp_path / "sera_state.json"), {"sera": {"keep_ratio": 0.7}, "local_rank": 3}, force=False, writer=True)
     with pytest.raises(StateError, match=r"--sera.keep_ratio 0.7 -> 0.5"):
-        RunState(str(tmp_path), {"sera": {"keep_ratio": 0.5}}, force=False, writer=True)
-    RunState(str(tmp_path), {"sera": {"keep_ratio": 0.5}}, force=True, writer=True)
+        RunState(str(tmp_path / "sera_state.json"), {"sera": {"keep_ratio": 0.5}}, force=False, writer=True)
+    RunState(str(tmp_path / "sera_state.json"), {"sera": {"keep_ratio": 0.5}}, force=True, writer=True)
 
 
 # -- NaN / inf ------------------------------------------------------------------------------------------------

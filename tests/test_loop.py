@@ -94,13 +94,13 @@ def test_changed_configuration_is_refused_unless_forced(uninterrupted, tiny_mode
 def test_chat_format_data_bootstraps_in_chat_form(tiny_model, tmp_path):
     """With --data.apply_chat_template, prompts are generated from the chat template exactly as training
     formats them, and bootstrapped pairs are written back as chat messages."""
-    from sera_openrlhf import testing
+    import tiny
 
     rows = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]}
-            for r in testing.preference_pairs(64, seed=5)]
-    data = testing.write_jsonl(str(tmp_path / "chat.jsonl"), rows)
+            for r in tiny.preference_pairs(64, seed=5)]
+    data = tiny.write_jsonl(str(tmp_path / "chat.jsonl"), rows)
     run_dir = tmp_path / "run"
     run_cli(base_flags(tiny_model, data, str(run_dir), "--data.apply_chat_template", *LOOP, "--sera.iterations", "2",
                        "--sera.keep_truncated", "--sera.no_fluency_guard"))

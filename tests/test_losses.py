@@ -19,7 +19,6 @@ from sera_openrlhf.losses import (
     PreferenceBatch,
     build_loss,
     implicit_reward,
-    reduce_losses,
 )
 
 BUILTINS = ["dpo", "ipo", "slic", "simpo", "rdpo"]
@@ -159,7 +158,7 @@ def test_matches_openrlhf_formula(name, params, ipo):
     pc, pr, rc, rr = (-50 * torch.rand(8, generator=g) for _ in range(4))  # fp32, realistic magnitudes
     out = build_loss(name, **params)(PreferenceBatch(pc, pr, rc, rr))
     ref_loss, ref_chosen, ref_rejected = openrlhf_dpo_formula(pc, pr, rc, rr, ipo=ipo, **params)
-    torch.testing.assert_close(reduce_losses(out.losses), ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.losses.mean(), ref_loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out.chosen_rewards, ref_chosen, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out.rejected_rewards, ref_rejected, atol=1e-6, rtol=1e-6)
 
@@ -331,11 +330,3 @@ def test_builtins_are_daaloss_with_declared_needs():
 def test_implicit_reward_needs_reference():
     with pytest.raises(ValueError, match="ref_logps"):
         implicit_reward(build_loss("dpo"), torch.zeros(2))
-
-
-def test_reduce_losses():
-    losses = torch.tensor([1.0, 2.0, 3.0, 6.0])
-    assert reduce_losses(losses).item() == 3.0
-    assert reduce_losses(losses, torch.tensor([1.0, 0.0, 1.0, 0.5])).item() == pytest.approx((1 + 3 + 3) / 4)
-    with pytest.raises(ValueError, match="shape"):
-        reduce_losses(losses, torch.ones(3))

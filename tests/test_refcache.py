@@ -7,7 +7,7 @@ import torch
 
 from sera_openrlhf.errors import DataError, StateError
 from sera_openrlhf.refcache import ReferenceCache, content_hash
-from sera_openrlhf.testing import tiny_llama
+from tiny import tiny_llama
 from sera_openrlhf.scoring import hf_logprob_fn, model_fingerprint, score_pairs
 
 PAD = 0
@@ -138,7 +138,7 @@ def flip_bytes(path, offset=200, n=4):
     open(path, "wb").write(bytes(data))
 
 
-def test_corrupt_file_raises_with_path_or_recomputes(tmp_path, model, fp):
+def test_corrupt_file_raises_with_path(tmp_path, model, fp):
     pairs, ids = make_pairs(4), list(range(4))
     good_c, _ = ReferenceCache(tmp_path, fp).ensure(ids, pairs, hf_logprob_fn(model), PAD, **KW)
     path = ReferenceCache(tmp_path, fp).path
@@ -146,12 +146,9 @@ def test_corrupt_file_raises_with_path_or_recomputes(tmp_path, model, fp):
     with pytest.raises(StateError) as e:
         ReferenceCache(tmp_path, fp)
     assert path in str(e.value) and "sha256" in str(e.value)
-
-    with pytest.warns(RuntimeWarning, match="Recomputing"):
-        cache = ReferenceCache(tmp_path, fp, on_corrupt="recompute")
-    assert len(cache) == 0
+    os.remove(path)  # what the message says: deleting it recomputes
     fn = Counting(hf_logprob_fn(model))
-    c, _ = cache.ensure(ids, pairs, fn, PAD, **KW)
+    c, _ = ReferenceCache(tmp_path, fp).ensure(ids, pairs, fn, PAD, **KW)
     assert fn.rows == 8 and torch.equal(c, good_c)
     assert len(ReferenceCache(tmp_path, fp)) == 4  # rewritten, verifies again
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sera_openrlhf.errors import ConfigError, NonFiniteError
-from sera_openrlhf.testing import tiny_llama
+from tiny import tiny_llama
 from sera_openrlhf.scoring import (
     ScoreResult,
     SequenceItem,

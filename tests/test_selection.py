@@ -134,11 +134,12 @@ def test_config_validation_names_flag(cfg, flag):
         SelectionConfig(**cfg)
 
 
-def test_config_help_metadata():
-    from dataclasses import fields
+def test_config_defaults_are_the_flags_defaults():
+    from sera_openrlhf.config import ReviewConfig
 
-    for f in fields(SelectionConfig):
-        assert f.metadata["flag"].startswith("--sera.") and f.metadata["help"]
+    assert SelectionConfig.from_review(ReviewConfig()) == SelectionConfig()
+    assert SelectionConfig.from_review(ReviewConfig(keep_ratio=0.25, select_mode="threshold")) == SelectionConfig(
+        keep_ratio=0.25, mode="threshold")
 
 
 def test_nan_irm_is_reported():

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 from conftest import base_flags, read_jsonl, run_cli
 
-from sera_openrlhf import testing
+import tiny
 from sera_openrlhf.selection import auroc
 
 
 @pytest.mark.slow
 def test_flipped_pairs_rank_low_and_are_dropped(tiny_model, tmp_path):
-    rows = testing.preference_pairs(128, flip_share=0.25, seed=3)
-    data = testing.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
+    rows = tiny.preference_pairs(128, flip_share=0.25, seed=3)
+    data = tiny.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
     run_dir = tmp_path / "run"
     run_cli(base_flags(tiny_model, data, str(run_dir), "--adam.lr", "5e-4", "--sera.enable", "--sera.iterations",
                        "2", "--sera.generated_share_max", "0", "--sera.keep_ratio", "0.7"))
@@ -37,8 +37,8 @@ def test_crossfitted_review_scores_each_fold_with_the_other_folds_policy(tiny_mo
     review scores every pair with the policy that never saw it. Per-iteration metrics reach TensorBoard."""
     from conftest import tb_scalars
 
-    rows = testing.preference_pairs(64, flip_share=0.25, seed=4)
-    data = testing.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
+    rows = tiny.preference_pairs(64, flip_share=0.25, seed=4)
+    data = tiny.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
     run_dir, tb = tmp_path / "run", tmp_path / "tb"
     run_cli(base_flags(tiny_model, data, str(run_dir), "--adam.lr", "5e-4", "--sera.enable", "--sera.iterations",
                        "2", "--sera.generated_share_max", "0", "--sera.crossfit_folds", "2",
@@ -72,8 +72,8 @@ def test_review_without_signal_keeps_every_pair_when_asked(tiny_model, tmp_path)
     """--sera.no_signal keep_all: a cross-fitted review whose out-of-fold agreement is below
     --sera.review_min_agreement (forced here with an unreachable 100 %) warns and trains on every offline pair
     instead of a random subset."""
-    rows = testing.preference_pairs(32, flip_share=0.25, seed=5)
-    data = testing.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
+    rows = tiny.preference_pairs(32, flip_share=0.25, seed=5)
+    data = tiny.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
     run_dir = tmp_path / "run"
     proc = run_cli(base_flags(tiny_model, data, str(run_dir), "--sera.enable", "--sera.iterations", "2",
                               "--sera.generated_share_max", "0", "--sera.crossfit_folds", "2",

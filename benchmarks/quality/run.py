@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -25,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))  # tiny: the test suite's tiny assets
 
 import metrics as M  # noqa: E402
 
@@ -148,7 +148,7 @@ def build_testbed(assets, cfg):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from sera_openrlhf.testing import CHAT_TEMPLATE
+    from tiny import CHAT_TEMPLATE
 
     snippets = load_snippets(ensure_vader(assets))
     train, held = split_snippets(snippets)

@@ -7,7 +7,9 @@
 - no `--sera.*` flag: OpenRLHF's own `train()` runs unchanged (on CPU with the compatibility layer);
 - `--sera.*` flags without `--sera.enable`: one DAA training run with SeRA's trainer (loss choice, reference
   cache);
-- `--sera.enable`: the SeRA loop (sera_openrlhf.loop).
+- `--sera.enable`: the SeRA loop (sera_openrlhf.driver).
+
+Every `--sera.*` value is validated (sera_openrlhf.config) before anything is loaded.
 """
 
 from __future__ import annotations
@@ -40,8 +42,22 @@ def mark_given(args, argv):
     """Record which flags the user gave (the CPU layer and the stock/SeRA dispatch depend on it)."""
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}  # dotted flags may be --flag=value
     args._attn_defaulted = "--ds.attn_implementation" not in given
-    args._sera_active = any(a.startswith("--sera.") for a in given)
+    args._sera_given = sorted(a[len("--sera."):] for a in given if a.startswith("--sera."))
+    args._sera_active = bool(args._sera_given)
     return args
+
+
+def sera_config(args):
+    """All `--sera.*` values, validated; a loop-only flag without --sera.enable is an error, not ignored."""
+    from sera_openrlhf.config import SeraConfig, stock_path_flags
+
+    cfg = SeraConfig.from_namespace(args.sera)
+    loop_only = [f for f in args._sera_given if f not in stock_path_flags() and f != "enable"]
+    if loop_only and not cfg.loop.enable:
+        shown = ", ".join(f"--sera.{f}" for f in loop_only)
+        raise ConfigError(f"{shown} only acts in the SeRA loop: add --sera.enable (without it, only the stock-path "
+                          "flags of docs/flags.md apply)")
+    return cfg
 
 
 def run_from_openrlhf(args, argv) -> None:
@@ -78,6 +94,8 @@ def check_model_dir(path, flag: str, trust_remote_code: bool) -> None:
 def run(args) -> None:
     from sera_openrlhf.openrlhf_adapter.compat import check_cpu_args
 
+    cfg = sera_config(args)
+    daa_loss = build_daa_loss(args, cfg) if args._sera_active else None
     for notice in check_cpu_args(args):
         print(f"[sera-openrlhf] {notice}", flush=True)
     trust = args.sera.trust_remote_code
@@ -91,24 +109,40 @@ def run(args) -> None:
 
         train(args)
         print(f"[sera-openrlhf] model saved to {os.path.abspath(args.ckpt.output_dir)}", flush=True)
-    elif args.sera.enable:
-        from sera_openrlhf.loop import run_sera
+    elif cfg.loop.enable:
+        from sera_openrlhf.driver import run_sera
 
-        run_sera(args)
+        run_sera(args, cfg, daa_loss)
     else:
-        train_once(args)
+        train_once(args, daa_loss)
 
 
-def train_once(args) -> None:
-    from sera_openrlhf.loop import load_offline_rows
-    from sera_openrlhf.openrlhf_adapter.train import loss_from_args, setup_strategy, train_policy
+def build_daa_loss(args, cfg):
+    """The DAA loss from --sera.loss and the stock --model.beta / --model.label_smoothing / --model.ipo_enable;
+    with the loop, the selector is resolved too: a typo should not cost a whole first training pass."""
+    from sera_openrlhf.losses import build_loss
+    from sera_openrlhf.selection import SELECTORS
 
-    daa_loss = loss_from_args(args)
-    rows, use_prompt_key, _ = load_offline_rows(args)
+    name = cfg.loss.loss
+    if args.model.ipo_enable and name == "dpo":  # the stock flag keeps its meaning
+        name = "ipo"
+    daa_loss = build_loss(name, beta=args.model.beta, label_smoothing=args.model.label_smoothing,
+                          gamma=cfg.loss.simpo_gamma, alpha=cfg.loss.rdpo_alpha, delta=cfg.loss.slic_delta)
+    if cfg.loop.enable and not callable(SELECTORS.get(cfg.review.selector, flag="--sera.selector")):
+        raise ConfigError(f"--sera.selector {cfg.review.selector} is not callable")
+    return daa_loss
+
+
+def train_once(args, daa_loss) -> None:
+    from sera_openrlhf.openrlhf_adapter.train import setup_strategy, train_policy
+    from sera_openrlhf.sources import DataSpec, load_offline
+
+    offline = load_offline(DataSpec.from_args(args))
     strategy = setup_strategy(args)
     stats = train_policy(
         args, strategy, policy_path=args.model.model_name_or_path, ref_path=args.ref.model_name_or_path,
-        rows=rows, output_dir=args.ckpt.output_dir, daa_loss=daa_loss, use_prompt_key=use_prompt_key,
+        rows=offline.rows, output_dir=args.ckpt.output_dir, daa_loss=daa_loss,
+        use_prompt_key=offline.use_prompt_key,
         use_ref_cache=args.sera.ref_cache != "off", cache_dir=args.sera.cache_dir,
     )
     if strategy.is_rank_0():

@@ -16,14 +16,6 @@ from sera_openrlhf.generation import GenerationConfig, build_generator
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def generation_config(args, seed: int) -> GenerationConfig:
-    s = args.sera
-    cfg = GenerationConfig(num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-                           max_new_tokens=s.max_new_tokens, seed=seed, batch_size=s.generation_batch_size)
-    cfg.validate()
-    return cfg
-
-
 def format_prompt(args, tokenizer, prompt) -> str:
     """The prompt text exactly as training sees it: OpenRLHF's own preprocessing (chat template with a generation
     prompt, or --data.input_template), so samples continue the same string their pairs will be trained on."""
@@ -39,10 +31,9 @@ def format_prompt(args, tokenizer, prompt) -> str:
     return text
 
 
-def generate_samples(args, strategy, model_path: str, prompts: list, seed: int):
+def generate_samples(args, strategy, model_path: str, prompts: list, cfg: GenerationConfig):
     """P lists of S `Sample`s for the given prompts (strings, or chat-message lists with
     --data.apply_chat_template)."""
-    cfg = generation_config(args, seed)
     samples = None
     if strategy.is_rank_0():
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -20,7 +20,7 @@ from openrlhf.utils import get_strategy, get_tokenizer
 
 from sera_openrlhf.errors import ConfigError
 from sera_openrlhf.fileio import atomic_write_jsonl
-from sera_openrlhf.losses import DAALoss, build_loss
+from sera_openrlhf.losses import DAALoss
 from sera_openrlhf.openrlhf_adapter.dataset import IndexedRewardDataset
 from sera_openrlhf.openrlhf_adapter.trainer import SeraDPOTrainer
 from sera_openrlhf.refcache import ReferenceCache, content_hash
@@ -31,20 +31,6 @@ def setup_strategy(args):
     strategy = get_strategy(args)
     strategy.setup_distributed()
     return strategy
-
-
-def loss_from_args(args) -> DAALoss:
-    name = args.sera.loss
-    if args.model.ipo_enable and name == "dpo":  # stock flag keeps its meaning
-        name = "ipo"
-    return build_loss(
-        name,
-        beta=args.model.beta,
-        label_smoothing=args.model.label_smoothing,
-        gamma=args.sera.simpo_gamma,
-        alpha=args.sera.rdpo_alpha,
-        delta=args.sera.slic_delta,
-    )
 
 
 def load_actor(args, strategy, path: str, *, train: bool) -> Actor:
@@ -129,8 +115,6 @@ class CachedReference:
         scorer = None
         rank, world = scoring_shard(args)
         for ds in datasets:
-            if ds is None:
-                continue
             pairs = [ds.pair_tokens(i) for i in range(len(ds))]
             hashes = [content_hash(*p) for p in pairs]
             hit, _, _ = self.cache.lookup(ds.ids, hashes)
@@ -151,8 +135,7 @@ class CachedReference:
 
 
 def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, output_dir: str, daa_loss: DAALoss,
-                 use_prompt_key: bool, use_ref_cache: bool, cache_dir: str | None = None, eval_rows=None,
-                 save_model: bool = True) -> dict:
+                 use_prompt_key: bool, use_ref_cache: bool, cache_dir: str | None = None) -> dict:
     """One DAA training run on `rows`; saves the HF model to `output_dir` and returns its statistics."""
     model = load_actor(args, strategy, policy_path, train=True)
     tokenizer = load_tokenizer(args, strategy, policy_path, model)
@@ -161,7 +144,6 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
             gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
         )
     train_dataset = build_dataset(args, tokenizer, rows, use_prompt_key)
-    eval_dataset = build_dataset(args, tokenizer, eval_rows, use_prompt_key) if eval_rows else None
     if len(train_dataset) < args.train.batch_size:
         raise ConfigError(
             f"{len(train_dataset)} training pairs (after dropping {len(train_dataset.too_long_ids)} with prompts "
@@ -173,7 +155,7 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
     if daa_loss.needs_reference:
         if use_ref_cache:
             ref_logps = CachedReference(args, strategy, ref_path, cache_dir or os.path.join(output_dir, "cache"),
-                                        [train_dataset, eval_dataset], tokenizer.pad_token_id)
+                                        [train_dataset], tokenizer.pad_token_id)
         else:
             ref_model = load_actor(args, strategy, ref_path, train=False)
             if args.ref.offload:
@@ -183,12 +165,6 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
         train_dataset, args.train.micro_batch_size, True, True, train_dataset.collate_fn,
         num_workers=args.data.dataloader_num_workers,
     )
-    eval_dataloader = None
-    if eval_dataset is not None:
-        eval_dataloader = strategy.setup_dataloader(
-            eval_dataset, args.train.micro_batch_size, True, False, eval_dataset.collate_fn, drop_last=False,
-            num_workers=args.data.dataloader_num_workers,
-        )
     num_update_steps_per_epoch = len(train_dataset) // args.train.batch_size
     max_steps = math.ceil(args.train.max_epochs * num_update_steps_per_epoch)
     cfg = dict(
@@ -212,13 +188,12 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
     trainer = SeraDPOTrainer(
         daa_loss=daa_loss, train_dataset=train_dataset, ref_logps=ref_logps,
         model=model, ref_model=ref_model, tokenizer=tokenizer, strategy=strategy, optim=optim,
-        train_dataloader=train_dataloader, eval_dataloader=eval_dataloader, scheduler=scheduler,
+        train_dataloader=train_dataloader, eval_dataloader=None, scheduler=scheduler,
         max_norm=args.max_norm, beta=args.model.beta, max_epochs=args.train.max_epochs,
         save_hf_ckpt=args.ckpt.save_hf, disable_ds_ckpt=args.ckpt.disable_ds,
     )
     trainer.fit(args, consumed_samples, num_update_steps_per_epoch)
-    if save_model:
-        strategy.save_model(model, tokenizer, output_dir)
+    strategy.save_model(model, tokenizer, output_dir)
     if strategy.is_rank_0():
         atomic_write_jsonl(os.path.join(output_dir, "train_log.jsonl"), trainer.step_logs)
     stats = {

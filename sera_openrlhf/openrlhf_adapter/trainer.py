@@ -6,8 +6,14 @@ Differences from the stock `fit` loop, and why:
 - reference log-probs come from `ref_logps(indices)` (the cache) when given, so the reference never runs per
   step; reference-free losses (SimPO) never touch a reference at all;
 - each pair's loss is multiplied by its weight (soft selection) and bootstrapped pairs can carry an NLL term;
-- every optimizer step is appended to `step_logs` (and `<output_dir>/train_log.jsonl` by the caller).
+- every optimizer step is appended to `step_logs` (and `<output_dir>/train_log.jsonl` by the caller) and
+  announced as the `events` point `<phase>:step<n>`.
 Logging, evaluation and checkpointing reuse the stock `save_logs_and_checkpoints`.
+
+OpenRLHF 0.11.2 computes the loss inline in `DPOTrainer.fit`, with no narrower hook, so `fit` and `evaluate`
+are copies of the stock ones with the changes above. tests/test_trainer_parity.py pins the copy: with the `dpo`
+loss, a real reference model, weights 1 and NLL coefficients 0, `SeraDPOTrainer.fit` must give the stock
+`DPOTrainer.fit`'s per-step losses and final parameters exactly. Re-check it (and re-copy) on an OpenRLHF upgrade.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from openrlhf.trainer.dpo_trainer import DPOTrainer
 from openrlhf.utils.distributed_sampler import DistributedSampler
 from tqdm import tqdm
 
-from sera_openrlhf import faults
+from sera_openrlhf import events
 from sera_openrlhf.errors import NonFiniteError
 from sera_openrlhf.losses import DAALoss, PreferenceBatch
 
@@ -39,7 +45,7 @@ class SeraDPOTrainer(DPOTrainer):
         self.step_logs: list[dict] = []
 
     # -- one batch ------------------------------------------------------------------------------------------
-    def batch_loss(self, data, dataset, train: bool = True):
+    def batch_loss(self, data, dataset):
         chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens, indices = data
         device = next(self.model.parameters()).device
         chosen_ids, c_mask = chosen_ids.squeeze(1).to(device), c_mask.squeeze(1).to(device)
@@ -143,7 +149,7 @@ class SeraDPOTrainer(DPOTrainer):
                     loss_sum = acc_sum = 0.0
                     global_step = step // self.strategy.accumulated_gradient
                     self.step_logs.append({"global_step": global_step, "epoch": epoch, **logs_dict})
-                    faults.kill_point(f"{faults.current_phase}:step{global_step}")
+                    events.emit(f"{events.current_phase}:step{global_step}")
                     client_states = {"consumed_samples": global_step * args.train.batch_size}
                     self.save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
                 step += 1
@@ -160,7 +166,7 @@ class SeraDPOTrainer(DPOTrainer):
         with torch.no_grad():
             for data in tqdm(eval_dataloader, desc=f"Eval stage of global_step {steps}",
                              disable=not self.strategy.is_rank_0()):
-                _, preference_loss, out, _ = self.batch_loss(data, eval_dataloader.dataset, train=False)
+                _, preference_loss, out, _ = self.batch_loss(data, eval_dataloader.dataset)
                 b = out.chosen_rewards.numel()
                 acc_sum += (out.chosen_rewards > out.rejected_rewards).sum().item()
                 loss_sum += preference_loss.item() * b

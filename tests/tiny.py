@@ -1,5 +1,6 @@
-"""Tiny, download-free assets for tests and benchmarks: a byte-level BPE tokenizer trained on the spot, a
-random Llama built from a config, and a synthetic preference set with a known share of flipped labels.
+"""Test and benchmark scaffolding, not shipped in the wheel: tiny, download-free assets. A byte-level BPE
+tokenizer trained on the spot, a random Llama built from a config, and a synthetic preference set with a known
+share of flipped labels. Tests and benchmarks import it as `tiny` (tests/ on sys.path).
 """
 
 from __future__ import annotations

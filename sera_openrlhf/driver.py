@@ -1,0 +1,116 @@
+"""The SeRA loop (design.md §1), read top to bottom in `Driver.run`:
+
+    iteration 1: train the DAA on every offline pair (+ the cross-fitted review policies)
+    for t in 2..T: review → [generate → score → pair] → train, until converged
+
+Every phase writes its outputs atomically and is then marked done in `sera_state.json`; rerunning the same
+command skips finished phases and redoes an interrupted one from its start (`Driver.phase` decides, in one
+place). `run_sera(args)` is the boundary with OpenRLHF: it turns the parsed flags into typed configs, the data,
+the run directory and the OpenRLHF backend, and nothing below it sees `args`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from sera_openrlhf import events
+from sera_openrlhf.config import SeraConfig
+from sera_openrlhf.losses import DAALoss
+from sera_openrlhf.metrics import LoggerSettings, PhaseMetrics
+from sera_openrlhf.phases import RunContext
+from sera_openrlhf.phases import generate, pair, review, score, train
+from sera_openrlhf.rundir import RunDir
+from sera_openrlhf.sources import DataSpec, load_offline, load_prompts
+from sera_openrlhf.state import RunLock, RunState
+
+
+class Driver:
+    def __init__(self, ctx: RunContext, metrics: PhaseMetrics):
+        self.ctx = ctx
+        self.metrics = metrics
+
+    def phase(self, t: int, name: str, index: int, fn):
+        """Run `fn()` unless (t, name) is done; its stats go to the state file with the phase."""
+        key = f"iter{t}/{name}"
+        state = self.ctx.state
+        if state.done(key):
+            return state.stats(t).get(name)
+        import transformers
+
+        transformers.set_seed(self.ctx.phase_seed(t, index))
+        self.ctx.backend.print(f"[sera] iteration {t}: {name}")
+        events.current_phase = key
+        events.emit(f"{key}:start")
+        start = time.time()
+        stats = fn()
+        self.ctx.backend.barrier()
+        events.emit(f"{key}:end")
+        state.mark(key, stats, t, time.time() - start)
+        self.metrics.log(t, name, stats)
+        return stats
+
+    def run(self) -> str:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        if not cfg.loop.skip_first_training:
+            self.phase(1, "train", 0, lambda: train.first_pass(ctx))
+        for k in range(cfg.review.crossfit_folds):
+            self.phase(1, f"crossfit_fold{k}", 1 + k, lambda k=k: train.crossfit_fold(ctx, k))
+        final = 1
+        for t in range(2, cfg.loop.iterations + 1):
+            self.phase(t, "review", 1, lambda: review.run(ctx, t))
+            if review.converged(ctx, t):
+                ctx.backend.print(f"[sera] converged at iteration {t}: kept set stable and mean kept IRM no "
+                                  f"longer rising; the final policy is iteration {t - 1}'s")
+                ctx.state.data["converged_at"] = t
+                break
+            if train.generated_share(cfg.loop, t) > 0:  # share 0: SeRA-SS only
+                self.phase(t, "generate", 2, lambda: generate.run(ctx, t))
+                self.phase(t, "score_samples", 3, lambda: score.run(ctx, t))
+                self.phase(t, "pair", 4, lambda: pair.run(ctx, t))
+            self.phase(t, "train", 5, lambda: train.run(ctx, t))
+            final = t
+        ctx.state.data["final_policy"] = ctx.layout.policy(final)
+        ctx.state.save()
+        return ctx.layout.policy(final)
+
+
+def logger_settings(args) -> LoggerSettings:
+    lg = args.logger
+    return LoggerSettings(wandb_key=lg.wandb.key, wandb_org=lg.wandb.org, wandb_project=lg.wandb.project,
+                          wandb_group=lg.wandb.group, run_name=lg.wandb.run_name,
+                          tensorboard_dir=lg.tensorboard_dir)
+
+
+def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
+    """Entry point of `--sera.enable` (cfg already validated). Returns the final policy's directory."""
+    from sera_openrlhf.openrlhf_adapter.backend import OpenRLHFBackend
+    from sera_openrlhf.openrlhf_adapter.train import dump_args, setup_strategy
+
+    layout = RunDir(os.path.abspath(cfg.loop.run_dir or args.ckpt.output_dir), args.model.model_name_or_path,
+                    args.ref.model_name_or_path, cfg.loop.skip_first_training, cfg.loop.reference,
+                    cfg.scoring.cache_dir)
+    spec = DataSpec.from_args(args)
+    offline = load_offline(spec)
+    prompts = load_prompts(spec, offline) if cfg.loop.iterations > 1 else []
+    strategy = setup_strategy(args)
+    lock = RunLock(layout.lock) if strategy.is_rank_0() else None
+    try:
+        state = RunState(layout.state, dump_args(args), cfg.loop.force_resume, strategy.is_rank_0())
+        state.data["data"] = offline.info
+        state.save()
+        backend = OpenRLHFBackend(args, strategy, use_prompt_key=offline.use_prompt_key, cache_dir=layout.cache,
+                                  daa_loss=daa_loss)
+        ctx = RunContext(cfg, layout, state, backend, daa_loss, spec, offline.rows, offline.use_prompt_key,
+                         prompts, args.train.seed)
+        final = Driver(ctx, PhaseMetrics(logger_settings(args), strategy.is_rank_0())).run()
+        if strategy.is_rank_0():
+            from sera_openrlhf.report import write_report
+
+            report = write_report(layout.root)
+            print(f"[sera] final policy: {final}", flush=True)
+            print(f"[sera] report: {report}", flush=True)
+        return final
+    finally:
+        if lock is not None:
+            lock.release()

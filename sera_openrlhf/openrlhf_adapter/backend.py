@@ -1,0 +1,100 @@
+"""What the SeRA phases need from OpenRLHF, behind one object: train a policy, score pairs and samples, generate.
+
+`OpenRLHFBackend` is the only thing the phases hold that knows OpenRLHF's `args` and DeepSpeed strategy; the
+phases themselves see typed configs and plain rows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+from sera_openrlhf.errors import ConfigError
+from sera_openrlhf.generation import GenerationConfig
+from sera_openrlhf.losses import DAALoss
+from sera_openrlhf.openrlhf_adapter.generate import generate_samples
+from sera_openrlhf.openrlhf_adapter.train import (CachedReference, ScoringModel, build_dataset, score_dataset,
+                                                  scoring_shard, train_policy)
+from sera_openrlhf.scoring import score_sequences
+
+
+class OpenRLHFBackend:
+    def __init__(self, args, strategy, *, use_prompt_key: bool, cache_dir: str, daa_loss: DAALoss):
+        self.args = args
+        self.strategy = strategy
+        self.use_prompt_key = use_prompt_key
+        self.cache_dir = cache_dir
+        self.loss = daa_loss
+
+    @property
+    def is_writer(self) -> bool:
+        return self.strategy.is_rank_0()
+
+    def print(self, msg: str) -> None:
+        self.strategy.print(msg)
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def train(self, name: str, rows, policy: str, reference: str, output_dir: str) -> dict:
+        """One DAA training run on `rows` from `policy` against `reference`; saves to `output_dir`."""
+        args = copy.deepcopy(self.args)  # the trainer rewrites eval/save steps in place
+        args.logger.wandb.run_name = f"{self.args.logger.wandb.run_name}_{name}"
+        return train_policy(
+            args, self.strategy, policy_path=policy, ref_path=reference, rows=rows, output_dir=output_dir,
+            daa_loss=self.loss, use_prompt_key=self.use_prompt_key, use_ref_cache=self.args.sera.ref_cache != "off",
+            cache_dir=self.cache_dir,
+        )
+
+    def pair_rewards(self, policy: str, reference: str, rows) -> dict:
+        """Implicit rewards of every pair under (policy, its reference): [N] tensors aligned with `ids`, plus the
+        ids of pairs skipped for an over-long prompt."""
+        scorer = ScoringModel.load(self.args, self.strategy, policy)
+        tokenizer = scorer.tokenizer
+        dataset = build_dataset(self.args, tokenizer, rows, self.use_prompt_key)  # tokenised once, reused below
+        chosen, rejected = score_dataset(self.args, scorer.logprob_fn, dataset, tokenizer.pad_token_id,
+                                         desc="self-review: policy log-probs")
+        scorer.free()
+        ref_c = ref_r = None
+        if self.loss.needs_reference:
+            ref = CachedReference(self.args, self.strategy, reference, self.cache_dir, [dataset],
+                                  tokenizer.pad_token_id)
+            ref_c, ref_r = ref(dataset, torch.arange(len(dataset)))
+        lens_c, lens_r = chosen.num_tokens.double(), rejected.num_tokens.double()
+        return {"ids": dataset.ids, "too_long": dataset.too_long_ids,
+                "chosen_reward": self.loss.implicit_reward(chosen.logp_sum, ref_c, lens_c).double(),
+                "rejected_reward": self.loss.implicit_reward(rejected.logp_sum, ref_r, lens_r).double(),
+                "chosen_len": lens_c, "rejected_len": lens_r}
+
+    def sequence_logps(self, models: dict, rows) -> tuple[dict, list]:
+        """Summed response log-probs of each row's `chosen` under every model: models maps a directory to the
+        tags it is scored under. Returns ({tag: [logp per row]}, [response tokens per row])."""
+        logps, n_tokens, dataset = {}, None, None
+        for path, tags in models.items():
+            scorer = ScoringModel.load(self.args, self.strategy, path)
+            if dataset is None:  # one tokenisation for every model (they share the policy's tokenizer)
+                dataset = build_dataset(self.args, scorer.tokenizer, rows, True)
+                if dataset.too_long_ids:
+                    raise ConfigError(f"{len(dataset.too_long_ids)} bootstrapping prompts are longer than "
+                                      f"--data.max_len {self.args.data.max_len}; raise it or shorten "
+                                      "--sera.prompts")
+                sequences = [dataset.pair_tokens(i)[0::2] for i in range(len(dataset))]
+            rank, world = scoring_shard(self.args)
+            res = score_sequences(
+                scorer.logprob_fn, sequences, scorer.tokenizer.pad_token_id,
+                max_tokens_per_batch=self.args.sera.score_tokens_per_batch,
+                max_batch_size=self.args.sera.score_batch_size, desc=f"score samples ({', '.join(tags)})",
+                rank=rank, world_size=world,
+            )
+            scorer.free()
+            for tag in tags:
+                logps[tag] = [float(x) for x in res.logp_sum]
+            n_tokens = [int(x) for x in res.num_tokens]
+        return logps, n_tokens
+
+    def generate(self, policy: str, prompts: list, config: GenerationConfig):
+        """P lists of S `Sample`s from `policy` for `prompts` (strings or chat-message lists)."""
+        return generate_samples(self.args, self.strategy, policy, prompts, config)

@@ -1,0 +1,108 @@
+"""Review phase (SeRA-SS): score every offline pair by its implicit reward margin and select.
+
+Scored by π_{t-1} (or, with --sera.review_policy first_pass, π_1; with --sera.crossfit_folds, each fold by the
+fold policy trained without it). Writes review.jsonl (every pair) and kept.jsonl (the kept pairs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from sera_openrlhf.data import PairRecord, write_pairs
+from sera_openrlhf.fileio import read_jsonl
+from sera_openrlhf.phases import RunContext
+from sera_openrlhf.selection import SelectionConfig, apply_selector, assign_folds, review_signal, selection_stats
+
+SCORE_COLUMNS = ("chosen_reward", "rejected_reward", "chosen_len", "rejected_len")
+
+
+def folds(ctx: RunContext) -> list:
+    return assign_folds([r["id"] for r in ctx.rows], ctx.cfg.review.crossfit_folds, ctx.seed)
+
+
+def fold_rows(ctx: RunContext, k: int, held_out: bool) -> list:
+    return [r for r, f in zip(ctx.rows, folds(ctx)) if (f == k) == held_out]
+
+
+def score(ctx: RunContext, t: int):
+    """Implicit rewards of every offline pair, and the fold of each id (empty without cross-fitting)."""
+    n_folds = ctx.cfg.review.crossfit_folds
+    if n_folds >= 2:
+        parts = [ctx.backend.pair_rewards(ctx.layout.fold_policy(k), ctx.layout.reference(1),
+                                          fold_rows(ctx, k, held_out=True)) for k in range(n_folds)]
+        scores = {key: (sum((p[key] for p in parts), []) if isinstance(parts[0][key], list)
+                        else torch.cat([p[key] for p in parts])) for key in parts[0]}
+        return scores, dict(zip((r["id"] for r in ctx.rows), folds(ctx)))
+    src = 1 if ctx.cfg.review.review_policy == "first_pass" else t - 1
+    return ctx.backend.pair_rewards(ctx.layout.policy(src), ctx.layout.reference(src), ctx.rows), {}
+
+
+def read_irm(ctx: RunContext, t: int) -> dict:
+    return {r["id"]: r["irm"] for r in read_jsonl(ctx.layout.review(t))}
+
+
+def kept_ids(ctx: RunContext, t: int) -> list:
+    return [r["id"] for r in read_jsonl(ctx.layout.review(t)) if r["kept"]]
+
+
+def check_signal(ctx: RunContext, t: int, irm, out_of_fold: bool, config: SelectionConfig):
+    """The out-of-fold agreement test; returns (signal stats, selector, config) with keep_all applied."""
+    rc = ctx.cfg.review
+    selector = rc.selector
+    signal = review_signal(irm, out_of_fold=out_of_fold)
+    signal["action"] = "select"
+    if signal["lower_bound"] is not None and signal["lower_bound"] < rc.review_min_agreement:
+        keep_all = rc.no_signal == "keep_all"
+        signal["action"] = "keep_all" if keep_all else "warned"
+        advice = ("Keeping every offline pair (--sera.no_signal keep_all)." if keep_all else
+                  "Train the review policies longer or on more data, or pass --sera.no_signal keep_all to keep "
+                  "every pair when this happens.")
+        ctx.backend.print(
+            f"[sera] warning: self-review has no signal at iteration {t}: the out-of-fold implicit reward "
+            f"agrees with {signal['label_agreement']:.1%} of {signal['n']} labels (95 % lower bound "
+            f"{signal['lower_bound']:.1%} < --sera.review_min_agreement {rc.review_min_agreement:.0%}), hardly "
+            f"better than chance, so selecting by IRM is close to random subsampling. {advice}")
+        if keep_all:
+            selector, config = "top", replace(config, mode="top", keep_ratio=1.0, drop_negative=False)
+    return signal, selector, config
+
+
+def run(ctx: RunContext, t: int) -> dict:
+    scores, fold_of = score(ctx, t)
+    ids = scores["ids"]
+    irm = scores["chosen_reward"] - scores["rejected_reward"]
+    table = {"id": ids, "irm": irm, **{k: scores[k] for k in SCORE_COLUMNS}}
+    table["irm_prev"] = [torch.tensor([p.get(i, float("nan")) for i in ids], dtype=torch.float64)
+                         for p in (read_irm(ctx, u) for u in range(2, t))]
+    signal, selector, config = check_signal(ctx, t, irm, bool(fold_of), SelectionConfig.from_review(ctx.cfg.review))
+    result = apply_selector(selector, table, config)
+    stats = selection_stats(table, result, previous_kept_ids=kept_ids(ctx, t - 1) if t >= 3 else None)
+    stats["signal"] = signal
+    stats["n_prompt_too_long"] = len(scores["too_long"])
+    ctx.write_rows(ctx.layout.review(t), [
+        {"id": i, "irm": float(irm[n]), "chosen_reward": float(scores["chosen_reward"][n]),
+         "rejected_reward": float(scores["rejected_reward"][n]), "chosen_len": int(scores["chosen_len"][n]),
+         "rejected_len": int(scores["rejected_len"][n]), "fold": fold_of.get(i),
+         "kept": bool(result.kept_mask[n]), "weight": float(result.weights[n])}
+        for n, i in enumerate(ids)
+    ])
+    if ctx.backend.is_writer:
+        by_id = {r["id"]: r for r in ctx.rows}
+        kept = [PairRecord(id=i, prompt=by_id[i]["prompt"], chosen=by_id[i]["chosen"],
+                           rejected=by_id[i]["rejected"]) for i in result.kept_ids]
+        write_pairs(ctx.layout.kept(t), kept, ctx.data.prompt_key if ctx.use_prompt_key else None,
+                    ctx.data.chosen_key, ctx.data.rejected_key)
+    return stats
+
+
+def converged(ctx: RunContext, t: int) -> bool:
+    """The kept set is stable (Jaccard with t-1's ≥ --sera.converge_jaccard) and the mean kept IRM no longer
+    rises by --sera.converge_min_gain."""
+    if t < 3:
+        return False
+    now, before = ctx.state.stats(t)["review"], ctx.state.stats(t - 1)["review"]
+    gain = (now["mean_irm_kept"] or 0.0) - (before["mean_irm_kept"] or 0.0)
+    return (now["jaccard_previous"] is not None and now["jaccard_previous"] >= ctx.cfg.loop.converge_jaccard
+            and gain < ctx.cfg.loop.converge_min_gain)

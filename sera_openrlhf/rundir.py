@@ -1,0 +1,81 @@
+"""Where every artefact of a SeRA run lives. Only this module builds paths inside the run directory.
+
+    <run_dir>/
+      sera_state.json             config, finished phases, per-iteration statistics (state.py)
+      .lock                       held while a run is active (state.py)
+      cache/                      reference log-probs (refcache.py; --sera.cache_dir moves it)
+      iter_<t>/policy/            HF checkpoint of π_t (+ train_log.jsonl)
+      iter_1/fold_<k>/policy/     cross-fitted review policies (--sera.crossfit_folds)
+      iter_<t>/review.jsonl       per offline pair: id, IRM, implicit rewards, lengths, fold, kept, weight
+      iter_<t>/kept.jsonl         the kept offline pairs in the input's keys (stock OpenRLHF can train on it)
+      iter_<t>/samples.jsonl      every generated sample with its log-probs under each scoring model
+      iter_<t>/bootstrapped.jsonl the bootstrapped pairs (prompt/chosen/rejected, margin)
+      iter_<t>/train_set.jsonl    what iteration t trained on (offline kept + generated), with weights
+      report/                     report.md, report.json, PNG plots (report/)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+STATE_FILE = "sera_state.json"
+
+
+@dataclass
+class RunDir:
+    root: str
+    initial_policy: str  # --model.model_name_or_path
+    initial_reference: str  # --ref.model_name_or_path
+    skip_first_training: bool  # --sera.skip_first_training
+    reference_rule: str  # --sera.reference
+    cache_dir: str | None  # --sera.cache_dir
+
+    @property
+    def state(self) -> str:
+        return os.path.join(self.root, STATE_FILE)
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.root, ".lock")
+
+    @property
+    def cache(self) -> str:
+        return self.cache_dir or os.path.join(self.root, "cache")
+
+    @property
+    def report(self) -> str:
+        return os.path.join(self.root, "report")
+
+    def iteration(self, t: int) -> str:
+        return os.path.join(self.root, f"iter_{t}")
+
+    def policy(self, t: int) -> str:
+        """π_t: t = 0 is the initial model; with --sera.skip_first_training π_1 is the initial model too."""
+        if t == 0 or (t == 1 and self.skip_first_training):
+            return self.initial_policy
+        return os.path.join(self.iteration(t), "policy")
+
+    def reference(self, t: int) -> str:
+        """The reference π_t is trained (and its implicit reward measured) against."""
+        if self.reference_rule == "previous" and t >= 2:
+            return self.policy(t - 1)
+        return self.initial_reference
+
+    def fold_policy(self, k: int) -> str:
+        return os.path.join(self.iteration(1), f"fold_{k}", "policy")
+
+    def review(self, t: int) -> str:
+        return os.path.join(self.iteration(t), "review.jsonl")
+
+    def kept(self, t: int) -> str:
+        return os.path.join(self.iteration(t), "kept.jsonl")
+
+    def samples(self, t: int) -> str:
+        return os.path.join(self.iteration(t), "samples.jsonl")
+
+    def bootstrapped(self, t: int) -> str:
+        return os.path.join(self.iteration(t), "bootstrapped.jsonl")
+
+    def train_set(self, t: int) -> str:
+        return os.path.join(self.iteration(t), "train_set.jsonl")
