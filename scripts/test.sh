@@ -3,11 +3,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+# one pytest worker per core (GNU nproc honours OMP_NUM_THREADS, so count without it)
+workers=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc); [ "$workers" -gt 4 ] && workers=4
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
        TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 start=$(date +%s)
-# the slow tests are single-threaded subprocesses: one pytest worker per core (a test file stays on one worker)
-workers=$(nproc); [ "$workers" -gt 4 ] && workers=4
+# the slow tests are single-threaded subprocesses (a test file stays on one worker)
 .venv/bin/python -m pytest -p no:cacheprovider --timeout 900 -n "$workers" --dist loadfile "$@"
 rc=$?
 echo "tests: pytest exit $rc after $(( $(date +%s) - start )) s"

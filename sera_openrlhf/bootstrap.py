@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, NonFiniteError, SelectionError
+from .errors import ConfigError, NonFiniteError
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Ensembled implicit reward (SeRA Eq. 7)
@@ -305,7 +305,7 @@ def make_pairs(
     stats: prompts, pairs, the per-prompt reasons for no pair (too_few_valid: < 2 candidates before
     de-duplication, duplicate_texts: all candidates have the same text, below_min_margin, top_fraction_cut),
     truncated_dropped (valid samples removed for truncation), mean chosen/rejected length, mean margins, alpha.
-    Raises SelectionError naming the flags to relax when no pair is left.
+    With no pair left, stats["no_pair_cause"] says why and which flag to change (`no_pair_cause`).
     """
     if not math.isfinite(min_margin):
         raise ConfigError(f"--sera.min_margin must be finite, got {min_margin!r}")
@@ -357,18 +357,37 @@ def make_pairs(
         stats["top_fraction_cut"] = len(pairs) - n_keep
         pairs = sorted(ranked[:n_keep], key=lambda q: q.prompt_index)
 
-    if not pairs:
-        reasons = {k: stats[k] for k in ("too_few_valid", "duplicate_texts", "below_min_margin")}
-        raise SelectionError(
-            f"preference bootstrapping produced no pair from {n_prompts} prompts ({reasons}). Relax "
-            "--sera.min_margin, lower --sera.fluency_floor / --sera.fluency_quantile, or raise --sera.num_samples."
-        )
     stats["pairs"] = len(pairs)
+    if not pairs:
+        stats["no_pair_cause"] = no_pair_cause(stats, valid, truncated, drop_truncated)
+        return pairs, stats
     stats["mean_chosen_length"] = sum(ln[q.prompt_index, q.chosen_index].item() for q in pairs) / len(pairs)
     stats["mean_rejected_length"] = sum(ln[q.prompt_index, q.rejected_index].item() for q in pairs) / len(pairs)
     stats["mean_margin"] = sum(q.margin for q in pairs) / len(pairs)
     stats["mean_debiased_margin"] = sum(q.debiased_margin for q in pairs) / len(pairs)
     return pairs, stats
+
+
+def no_pair_cause(stats: dict, valid: torch.Tensor, truncated: torch.Tensor, drop_truncated: bool) -> str:
+    """Why no prompt gave a pair, with the flag that would change it (the dominant reason first)."""
+    n = valid.numel()
+    if drop_truncated and bool(truncated.all()):
+        return (f"all {n} samples hit --sera.max_new_tokens without an EOS: raise --sera.max_new_tokens or pass "
+                "--sera.keep_truncated")
+    if int(valid.sum()) < 2 * stats["prompts"] and stats["too_few_valid"] == stats["prompts"]:
+        if drop_truncated and int((valid & ~truncated).sum()) < int(valid.sum()):
+            return (f"fewer than 2 usable samples per prompt: {int(truncated.sum())} of {n} samples were truncated "
+                    "(--sera.max_new_tokens, --sera.keep_truncated) and the fluency guard dropped "
+                    f"{n - int(valid.sum())} (--sera.fluency_floor, --sera.fluency_quantile)")
+        return (f"the fluency guard left fewer than 2 of {n} samples per prompt: lower --sera.fluency_floor / "
+                "--sera.fluency_quantile, or raise --sera.num_samples")
+    if stats["duplicate_texts"] >= max(stats["too_few_valid"], stats["below_min_margin"]):
+        return ("the samples of each prompt are identical: raise --sera.temperature (or --sera.top_p) or "
+                "--sera.num_samples")
+    if stats["below_min_margin"] >= stats["too_few_valid"]:
+        return "every pair's ensembled reward margin is below --sera.min_margin (or all rewards tie): lower it"
+    return (f"too few usable samples per prompt ({stats['too_few_valid']} of {stats['prompts']} prompts): raise "
+            "--sera.num_samples or relax --sera.fluency_floor / --sera.fluency_quantile")
 
 
 def _check_texts(texts: list[list[str]], shape: torch.Size) -> None:

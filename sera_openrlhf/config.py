@@ -57,12 +57,19 @@ class LoopConfig:
                                 "was started with")
     reference: str = option("initial", "Reference model of later iterations: the initial model, or the previous "
                             "iteration's policy (sDPO/DICE style)", choices=("initial", "previous"))
-    generated_share_max: float = option(0.5, "Share of generated pairs in the training mix at the last iteration; "
-                                        "grows linearly from 0 at iteration 1", check=fraction(high_open=True))
-    converge_jaccard: float = option(0.9, "Converged when the kept offline set's Jaccard overlap with the previous "
-                                     "iteration's is at least this ...", check=fraction())
-    converge_min_gain: float = option(0.0, "... and the mean IRM of kept pairs rose by less than this",
-                                      check=FINITE)
+    generated_share_step: float = option(0.25, "Growth of the generated pairs' share of the training mix per "
+                                         "iteration: share(t) = min(--sera.generated_share_max, step * (t - 1)), "
+                                         "the same schedule whatever --sera.iterations", check=fraction())
+    generated_share_max: float = option(0.5, "Cap on the generated pairs' share of the training mix",
+                                        check=fraction(high_open=True))
+    generated_pick: str = option("random", "Which bootstrapped pairs fill the generated share when there are more "
+                                 "than it holds: a seeded random subset, or the largest ensembled margins",
+                                 choices=("random", "margin"))
+    converge_jaccard: float = option(0.9, "Converged when, in two consecutive iterations, the kept offline set's "
+                                     "Jaccard overlap with the previous iteration's is at least this ...",
+                                     check=fraction())
+    converge_min_gain: float = option(0.0, "... and the mean IRM of kept pairs rose by less than this (never with "
+                                      "--sera.review_refit frozen: its review does not change)", check=FINITE)
     skip_first_training: bool = option(False, "Iteration 1 starts from --model.model_name_or_path as an already "
                                        "DPO-trained policy instead of training on all offline pairs")
     skip_invalid_pairs: bool = option(False, "Skip (and count) offline pairs with an empty response or HH "
@@ -117,16 +124,19 @@ class ReviewConfig:
                                      "response: often a flipped label) before applying the mode")
     min_keep: int = option(1, "Fewest pairs a selection may keep; fewer is an error. In top mode k is raised to "
                            "at least this", check=at_least(1))
-    crossfit_folds: int = option(0, "Cross-fitted self-review: score each of K folds with a policy trained "
-                                 "without it (0 = off, score in-sample)", check=(lambda v: v == 0 or v >= 2,
-                                                                                 "0 (off) or >= 2"))
+    crossfit_folds: int = option(0, "K folds for --sera.review_refit crossfit / frozen: each fold is scored by a "
+                                 "twin policy trained without it (0 = off)", check=(lambda v: v == 0 or v >= 2,
+                                                                                    "0 (off) or >= 2"))
     review_min_agreement: float = option(0.55, "With cross-fitted review: the share of labels the out-of-fold IRM "
                                          "must agree with (its one-sided 95-percent lower confidence bound) for "
                                          "self-review to count as having a signal", check=fraction())
     no_signal: str = option("warn", "What a cross-fitted review without signal does: warn and select anyway, or "
                             "keep_all (train on every offline pair that iteration)", choices=("warn", "keep_all"))
-    review_policy: str = option("current", "Policy that scores offline pairs: the current one, or the short "
-                                "first-pass policy of iteration 1", choices=("current", "first_pass"))
+    review_refit: str = option("current", "Which policies score the offline pairs at iteration t. current: "
+                               "pi_{t-1}, in-sample, each iteration. crossfit: each of --sera.crossfit_folds folds by "
+                               "a twin of pi_{t-1} trained without that fold, refit each iteration. frozen: the "
+                               "iteration-1 policies (the fold twins with --sera.crossfit_folds, else the first-pass "
+                               "pi_1) every iteration", choices=("current", "crossfit", "frozen"))
 
 
 @dataclass
@@ -161,10 +171,12 @@ class BootstrapConfig:
                                  "have equal mean length (DICE)")
     keep_truncated: bool = option(False, "Allow responses that hit --sera.max_new_tokens without EOS")
     no_fluency_guard: bool = option(False, "Turn the fluency guard off (not recommended: see docs/concepts.md)")
-    fluency_floor: Optional[float] = option(None, "Drop samples whose mean per-token reference log-prob is below "
-                                            "this absolute floor", type=float, check=FINITE)
-    fluency_quantile: float = option(0.1, "Drop samples below this quantile of the batch's mean per-token "
-                                     "reference log-prob", check=(lambda v: 0 < v < 1, "in (0, 1)"))
+    fluency_floor: Optional[float] = option(None, "Drop samples whose mean per-token log-prob under the initial "
+                                            "reference is below this absolute floor (replaces the floor from "
+                                            "--sera.fluency_quantile)", type=float, check=FINITE)
+    fluency_quantile: float = option(0.1, "Fix the fluency floor once, at this quantile of the mean per-token "
+                                     "log-prob of the initial policy's own samples (design section 1b)",
+                                     check=(lambda v: 0 < v < 1, "in (0, 1)"))
     length_normalized_reward: bool = option(False, "Rank samples by the per-token (length-normalised) implicit "
                                             "reward")
     bootstrap_nll_coef: float = option(0.2, "NLL coefficient on bootstrapped chosen responses (RPO-style fluency "
@@ -226,9 +238,15 @@ class SeraConfig:
         return cfg
 
     def check_combinations(self) -> None:
-        if self.review.review_policy == "first_pass" and self.loop.skip_first_training:
-            raise ConfigError("--sera.review_policy first_pass needs a first training pass; drop "
-                              "--sera.skip_first_training")
+        refit, folds = self.review.review_refit, self.review.crossfit_folds
+        if refit == "crossfit" and folds < 2:
+            raise ConfigError("--sera.review_refit crossfit needs --sera.crossfit_folds K >= 2")
+        if refit == "current" and folds:
+            raise ConfigError(f"--sera.crossfit_folds {folds} needs --sera.review_refit crossfit (fold twins refit "
+                              "each iteration) or frozen (the iteration-1 fold twins)")
+        if refit == "frozen" and not folds and self.loop.skip_first_training:
+            raise ConfigError("--sera.review_refit frozen without --sera.crossfit_folds scores with the first-pass "
+                              "policy, which --sera.skip_first_training skips")
         bootstraps = self.loop.iterations > 1 and self.loop.generated_share_max > 0
         if bootstraps and self.bootstrap.num_samples < 2:
             raise ConfigError(f"--sera.num_samples must be >= 2 to form a (chosen, rejected) pair, got "

@@ -1,7 +1,8 @@
 """The SeRA loop (design.md §1), read top to bottom in `Driver.run`:
 
-    iteration 1: train the DAA on every offline pair (+ the cross-fitted review policies)
-    for t in 2..T: review → [generate → score → pair] → train, until converged
+    iteration 1: train the DAA on every offline pair (+ its fold twins for a cross-fitted review)
+    for t in 2..T: review → [generate → score → pair] → train (+ fold twins), until converged
+    (once, before the first pairing: the fluency floor from the initial policy's samples)
 
 Every phase writes its outputs atomically and is then marked done in `sera_state.json`; rerunning the same
 command skips finished phases and redoes an interrupted one from its start (`Driver.phase` decides, in one
@@ -19,9 +20,9 @@ from sera_openrlhf.config import SeraConfig
 from sera_openrlhf.losses import DAALoss
 from sera_openrlhf.metrics import LoggerSettings, PhaseMetrics
 from sera_openrlhf.phases import RunContext
-from sera_openrlhf.phases import generate, pair, review, score, train
+from sera_openrlhf.phases import fluency, generate, pair, review, score, train
 from sera_openrlhf.rundir import RunDir
-from sera_openrlhf.sources import DataSpec, load_offline, load_prompts
+from sera_openrlhf.sources import DataSpec, content_sha256, drop_over_long, load_offline, load_prompts
 from sera_openrlhf.state import RunLock, RunState
 
 
@@ -50,25 +51,32 @@ class Driver:
         self.metrics.log(t, name, stats)
         return stats
 
+    def fold_twins(self, t: int) -> None:
+        if train.fold_twins_needed(self.ctx, t):
+            for k in range(self.ctx.cfg.review.crossfit_folds):
+                self.phase(t, f"crossfit_fold{k}", 6, lambda k=k: train.fold_twin(self.ctx, t, k))
+
     def run(self) -> str:
         ctx, cfg = self.ctx, self.ctx.cfg
         if not cfg.loop.skip_first_training:
             self.phase(1, "train", 0, lambda: train.first_pass(ctx))
-        for k in range(cfg.review.crossfit_folds):
-            self.phase(1, f"crossfit_fold{k}", 1 + k, lambda k=k: train.crossfit_fold(ctx, k))
+        self.fold_twins(1)
         final = 1
         for t in range(2, cfg.loop.iterations + 1):
             self.phase(t, "review", 1, lambda: review.run(ctx, t))
             if review.converged(ctx, t):
-                ctx.backend.print(f"[sera] converged at iteration {t}: kept set stable and mean kept IRM no "
-                                  f"longer rising; the final policy is iteration {t - 1}'s")
+                ctx.backend.print(f"[sera] converged at iteration {t}: kept set stable in two consecutive reviews "
+                                  f"and mean kept IRM no longer rising; the final policy is iteration {t - 1}'s")
                 ctx.state.data["converged_at"] = t
                 break
             if train.generated_share(cfg.loop, t) > 0:  # share 0: SeRA-SS only
+                if fluency.needed(ctx):  # once, before the first pairing: the floor from π0's own samples
+                    self.phase(1, "fluency_floor", 7, lambda: fluency.run(ctx))
                 self.phase(t, "generate", 2, lambda: generate.run(ctx, t))
                 self.phase(t, "score_samples", 3, lambda: score.run(ctx, t))
                 self.phase(t, "pair", 4, lambda: pair.run(ctx, t))
             self.phase(t, "train", 5, lambda: train.run(ctx, t))
+            self.fold_twins(t)
             final = t
         ctx.state.data["final_policy"] = ctx.layout.policy(final)
         ctx.state.save()
@@ -92,15 +100,23 @@ def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
                     cfg.scoring.cache_dir)
     spec = DataSpec.from_args(args)
     offline = load_offline(spec)
-    prompts = load_prompts(spec, offline) if cfg.loop.iterations > 1 else []
+    bootstraps = cfg.loop.iterations > 1 and cfg.loop.generated_share_max > 0
+    prompts = load_prompts(spec, offline) if bootstraps else []
     strategy = setup_strategy(args)
     lock = RunLock(layout.lock) if strategy.is_rank_0() else None
     try:
-        state = RunState(layout.state, dump_args(args), cfg.loop.force_resume, strategy.is_rank_0())
-        state.data["data"] = offline.info
-        state.save()
+        state = RunState(layout.state, dump_args(args), cfg.loop.force_resume, strategy.is_rank_0(),
+                         inputs=content_sha256(spec))
         backend = OpenRLHFBackend(args, strategy, use_prompt_key=offline.use_prompt_key, cache_dir=layout.cache,
                                   daa_loss=daa_loss)
+        offline, prompts = drop_over_long(spec, offline, prompts, *backend.over_long(offline.rows, prompts),
+                                          args.data.max_len)
+        skipped = offline.info["prompt_too_long"]
+        if sum(skipped["pairs"].values()) or sum(skipped["prompts"].values()):
+            backend.print(f"[sera] skipped for a prompt longer than --data.max_len {args.data.max_len}: "
+                          f"{skipped['pairs']} offline pairs, {skipped['prompts']} bootstrapping prompts")
+        state.data["data"] = offline.info
+        state.save()
         ctx = RunContext(cfg, layout, state, backend, daa_loss, spec, offline.rows, offline.use_prompt_key,
                          prompts, args.train.seed)
         final = Driver(ctx, PhaseMetrics(logger_settings(args), strategy.is_rank_0())).run()

@@ -12,7 +12,8 @@ same prompt gives the same token ids whichever backend runs. Both use plain temp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -59,6 +60,7 @@ class Sample:
     text: str  # decoded response, special tokens skipped
     token_ids: list[int]  # response tokens without padding, including the EOS if one was produced
     truncated: bool  # no EOS within max_new_tokens
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt as the model saw it (no padding)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -95,8 +97,9 @@ class HFGenerator:
         config.validate()
         self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
 
-    def generate(self, prompts: list[str]) -> list[list[Sample]]:
-        """P prompts → P lists of `config.num_samples` Samples."""
+    def generate(self, prompts: list[str], keys: list[str] | None = None) -> list[list[Sample]]:
+        """P prompts → P lists of `config.num_samples` Samples (`keys` is accepted for the common interface; this
+        backend seeds per batch, see the class docstring)."""
         cfg, tok, model = self.config, self.tokenizer, self.model
         prompt_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
         for i, ids in enumerate(prompt_ids):
@@ -130,10 +133,17 @@ class HFGenerator:
                 responses = [_cut_at_eos(row, eos) for row in seqs[:, width:].tolist()]
                 texts = tok.batch_decode([ids for ids, _ in responses], skip_special_tokens=True)
                 for (p, s), (ids, truncated), text in zip(batch, responses, texts):
-                    out[p][s] = Sample(p, s, text, ids, truncated)
+                    out[p][s] = Sample(p, s, text, ids, truncated, prompt_ids[p])
         finally:
             model.train(was_training)
         return out  # type: ignore[return-value]
+
+
+def request_seed(seed: int, prompt_key: str, sample_index: int) -> int:
+    """A 31-bit seed per request from (phase seed, prompt key, sample index): the phase seed already derives from
+    (run seed, iteration), so each sample's randomness is fixed by who it is, not by batching."""
+    digest = hashlib.sha256(f"{seed}:{prompt_key}:{sample_index}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
 
 
 def vllm_sampling_params(**kwargs: Any) -> Any:
@@ -149,8 +159,9 @@ class VLLMGenerator:
     `engine`: an object with vLLM's `.generate(prompts, sampling_params)` API; when None, `vllm.LLM` is built
     from `model_path` (an HF checkpoint directory, e.g. the iteration's saved policy). Prompts are passed as
     token ids (tokenised like the HF backend), and responses are decoded with `tokenizer`, so both backends
-    produce identical text for identical token ids. vLLM draws the n samples of a request from one generator
-    seeded with `config.seed`.
+    produce identical text for identical token ids. Each (prompt, sample) is its own request with its own seed,
+    `request_seed(config.seed, prompt key, sample index)`, so the samples do not depend on how requests are
+    batched or spread over engines.
     """
 
     def __init__(
@@ -184,28 +195,24 @@ class VLLMGenerator:
             )
         self.engine = engine
 
-    def generate(self, prompts: list[str]) -> list[list[Sample]]:
-        """P prompts → P lists of `config.num_samples` Samples."""
+    def generate(self, prompts: list[str], keys: list[str] | None = None) -> list[list[Sample]]:
+        """P prompts → P lists of `config.num_samples` Samples. `keys` name the prompts for their seeds (stable
+        prompt ids; default: their positions)."""
         cfg = self.config
-        params = self.sampling_params_factory(
-            n=cfg.num_samples,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_tokens=cfg.max_new_tokens,
-            seed=cfg.seed,
-        )
+        keys = [str(p) for p in range(len(prompts))] if keys is None else keys
         prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        outputs = self.engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
-        result = []
-        for p, request_output in enumerate(outputs):
-            completions = sorted(request_output.outputs, key=lambda c: c.index)
-            token_ids = [list(c.token_ids) for c in completions]
-            texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-            result.append(
-                [Sample(p, s, texts[s], token_ids[s], c.finish_reason == "length") for s, c in enumerate(completions)]
-            )
+        requests = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
+        params = [self.sampling_params_factory(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
+                                               max_tokens=cfg.max_new_tokens,
+                                               seed=request_seed(cfg.seed, keys[p], s)) for p, s in requests]
+        outputs = self.engine.generate([{"prompt_token_ids": prompt_ids[p]} for p, _ in requests], params)
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+        token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        result = [[None] * cfg.num_samples for _ in prompts]
+        for (p, s), o, ids, text in zip(requests, outputs, token_ids, texts):
+            result[p][s] = Sample(p, s, text, ids, o.outputs[0].finish_reason == "length", prompt_ids[p])
         return result
 
 

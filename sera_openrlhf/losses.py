@@ -71,6 +71,7 @@ class DAALoss(nn.Module):
 
     needs_reference: bool = True
     needs_lengths: bool = False
+    length_normalized: bool = False  # the implicit reward is already per token (SimPO)
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
@@ -186,6 +187,7 @@ class SimPOLoss(DAALoss):
 
     needs_reference = False
     needs_lengths = True
+    length_normalized = True
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5) -> None:
         super().__init__(beta)

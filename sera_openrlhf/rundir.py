@@ -5,7 +5,7 @@
       .lock                       held while a run is active (state.py)
       cache/                      reference log-probs (refcache.py; --sera.cache_dir moves it)
       iter_<t>/policy/            HF checkpoint of π_t (+ train_log.jsonl)
-      iter_1/fold_<k>/policy/     cross-fitted review policies (--sera.crossfit_folds)
+      iter_<t>/fold_<k>/policy/   π_t's twin trained without offline fold k (--sera.review_refit crossfit/frozen)
       iter_<t>/review.jsonl       per offline pair: id, IRM, implicit rewards, lengths, fold, kept, weight
       iter_<t>/kept.jsonl         the kept offline pairs in the input's keys (stock OpenRLHF can train on it)
       iter_<t>/samples.jsonl      every generated sample with its log-probs under each scoring model
@@ -62,8 +62,9 @@ class RunDir:
             return self.policy(t - 1)
         return self.initial_reference
 
-    def fold_policy(self, k: int) -> str:
-        return os.path.join(self.iteration(1), f"fold_{k}", "policy")
+    def fold_policy(self, t: int, k: int) -> str:
+        """The twin of π_t trained without offline fold k; it scores fold k at review t + 1."""
+        return os.path.join(self.iteration(t), f"fold_{k}", "policy")
 
     def review(self, t: int) -> str:
         return os.path.join(self.iteration(t), "review.jsonl")

@@ -106,9 +106,12 @@ def select_irm(table: PairTable, config: SelectionConfig) -> list[str]:
 
 
 def _irm(table: PairTable) -> torch.Tensor:
-    """The "irm" column as a float Tensor[N] (integer IRMs become float64)."""
-    irm = torch.as_tensor(table["irm"])
-    return irm if irm.is_floating_point() else irm.double()
+    """The "irm" column as a float Tensor[N]; Python numbers become float64 (not torch's default float32), so a
+    custom table ranks exactly as the stats see it."""
+    irm = table["irm"]
+    if isinstance(irm, torch.Tensor):
+        return irm if irm.is_floating_point() else irm.double()
+    return torch.as_tensor(irm, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------- applying

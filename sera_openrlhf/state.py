@@ -11,7 +11,10 @@ from sera_openrlhf.errors import StateError
 from sera_openrlhf.fileio import atomic_write_json
 
 # flags that may change between a run and its resumption without changing what it computes
-RESUME_NEUTRAL = {"local_rank", "ckpt.load_enable", "sera.force_resume", "logger", "eval.steps", "use_ms"}
+# (micro-batch and scoring-batch sizes change only the order of floating-point sums)
+RESUME_NEUTRAL = {"local_rank", "ckpt.load_enable", "ckpt.save_steps", "ckpt.max_num", "ckpt.max_mem", "ckpt.save_hf",
+                  "sera.force_resume", "logger", "eval.steps", "use_ms", "train.micro_batch_size",
+                  "data.dataloader_num_workers", "sera.score_batch_size", "sera.score_tokens_per_batch"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -40,9 +43,12 @@ def checksum(data: dict) -> str:
 class RunState:
     """The configuration, the finished phases and per-iteration statistics, checksummed."""
 
-    def __init__(self, path: str, config: dict, force: bool, writer: bool):
+    def __init__(self, path: str, config: dict, force: bool, writer: bool, inputs: dict | None = None):
+        """config: the parsed flags; inputs: {path: sha256} of the input files (a resumed run must read the same
+        bytes). A mismatch in either is refused unless `force` (--sera.force_resume)."""
         self.path = path
         self.writer = writer
+        inputs = inputs or {}
         if os.path.exists(self.path):
             self.data = self._read()
             old, new = resume_config(self.data["config"]), resume_config(config)
@@ -53,9 +59,18 @@ class RunState:
                     f"{self.path}: this run directory was started with a different configuration ({shown}). "
                     "Use the original flags, another --sera.run_dir, or --sera.force_resume to continue anyway."
                 )
+            before = self.data.get("inputs", {})
+            changed = sorted(p for p in set(before) & set(inputs) if before[p] != inputs[p])
+            if changed and not force:
+                raise StateError(
+                    f"{self.path}: the content of {', '.join(changed)} changed since this run started (sha256 "
+                    f"{before[changed[0]][:12]} -> {inputs[changed[0]][:12]}). Restore the file, use another "
+                    "--sera.run_dir, or --sera.force_resume to continue with the new content."
+                )
             self.data["config"] = config
         else:
             self.data = {"version": 1, "config": config, "done": [], "iterations": {}, "final_policy": None}
+        self.data["inputs"] = inputs
 
     def _read(self) -> dict:
         try:

@@ -17,7 +17,7 @@ from sera_openrlhf.bootstrap import (
     make_pairs,
     pairing_mask,
 )
-from sera_openrlhf.errors import ConfigError, SelectionError
+from sera_openrlhf.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------- ensemble
 
@@ -227,11 +227,16 @@ def test_top_fraction_keeps_largest_margins():
         make_pairs(**g, top_fraction=0.0)
 
 
-def test_no_pair_raises_selection_error_naming_flags():
-    with pytest.raises(SelectionError) as e:
-        make_pairs(**_grid([[1.0, 0.9], [1.0, 1.0]]), min_margin=5.0)
-    for flag in ("--sera.min_margin", "--sera.fluency_floor", "--sera.fluency_quantile", "--sera.num_samples"):
-        assert flag in str(e.value)
+def test_no_pair_names_the_cause_and_the_flag():
+    pairs, stats = make_pairs(**_grid([[1.0, 0.9], [1.0, 1.0]]), min_margin=5.0)
+    assert pairs == [] and stats["pairs"] == 0 and "--sera.min_margin" in stats["no_pair_cause"]
+    pairs, stats = make_pairs(**_grid([[1.0, 0.9], [2.0, 1.0]], truncated=[[True, True], [True, True]]))
+    assert pairs == [] and "--sera.max_new_tokens" in stats["no_pair_cause"]
+    assert "--sera.keep_truncated" in stats["no_pair_cause"]
+    pairs, stats = make_pairs(**_grid([[1.0, 0.9], [2.0, 1.0]], texts=[["x", "x"], ["y", "y"]]))
+    assert pairs == [] and "--sera.temperature" in stats["no_pair_cause"]
+    pairs, stats = make_pairs(**_grid([[1.0, 0.9], [2.0, 1.0]], valid=[[True, False], [False, True]]))
+    assert pairs == [] and "--sera.fluency_floor" in stats["no_pair_cause"]
 
 
 def test_alpha_changes_ranking():

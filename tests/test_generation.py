@@ -14,6 +14,7 @@ from sera_openrlhf.generation import (
     HFGenerator,
     Sample,
     VLLMGenerator,
+    request_seed,
     build_generator,
 )
 
@@ -185,42 +186,60 @@ def test_build_generator(model, tok):
 
 
 class FakeEngine:
-    """Stands in for vllm.LLM: returns n completions per prompt, the last one cut by the length limit."""
+    """Stands in for vllm.LLM: one completion per request (n = 1), whose tokens encode the request's seed; requests
+    of sample index 2 are cut by the length limit."""
 
     def __init__(self, eos_id):
         self.eos_id, self.calls = eos_id, []
 
     def generate(self, prompts, sampling_params):
         self.calls.append((prompts, sampling_params))
-        n, results = sampling_params["n"], []
-        for i, prompt in enumerate(prompts):
-            completions = []
-            for j in reversed(range(n)):  # out of order on purpose: the generator sorts by .index
-                if j == n - 1:
-                    ids, reason = [40 + i] * sampling_params["max_tokens"], "length"
-                else:
-                    ids, reason = [40 + i, 50 + j, self.eos_id], "stop"
-                completions.append(SimpleNamespace(index=j, token_ids=ids, finish_reason=reason, text="ignored"))
-            results.append(SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=completions))
+        assert len(prompts) == len(sampling_params)  # vLLM accepts one SamplingParams per request
+        results = []
+        for prompt, params in zip(prompts, sampling_params):
+            assert params["n"] == 1
+            seed_token = 40 + params["seed"] % 50
+            if len(results) % 3 == 2:  # requests are prompt-major with 3 samples each
+                ids, reason = [seed_token] * params["max_tokens"], "length"
+            else:
+                ids, reason = [seed_token, 50, self.eos_id], "stop"
+            completion = SimpleNamespace(index=0, token_ids=ids, finish_reason=reason, text="ignored")
+            results.append(SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[completion]))
         return results
 
 
-def test_vllm_backend_maps_request_outputs(tok):
+def test_vllm_backend_one_request_per_sample_with_its_own_seed(tok):
     engine = FakeEngine(tok.eos_token_id)
     cfg = GenerationConfig(num_samples=3, temperature=0.7, top_p=0.9, max_new_tokens=5, seed=11)
     generator = VLLMGenerator("unused", tok, cfg, engine=engine, sampling_params_factory=lambda **kw: kw)
-    out = generator.generate(PROMPTS)
+    keys = [f"prompt-{i}" for i in range(len(PROMPTS))]
+    out = generator.generate(PROMPTS, keys)
 
     prompts, params = engine.calls[0]
-    assert params == dict(n=3, temperature=0.7, top_p=0.9, max_tokens=5, seed=11)
-    assert [p["prompt_token_ids"] for p in prompts] == tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    assert len(params) == 3 * len(PROMPTS)
+    assert params[0] == dict(n=1, temperature=0.7, top_p=0.9, max_tokens=5, seed=request_seed(11, "prompt-0", 0))
+    assert [p["seed"] for p in params] == [request_seed(11, k, s) for k in keys for s in range(3)]
+    assert len({p["seed"] for p in params}) == len(params)  # every request draws its own numbers
+    ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    assert [p["prompt_token_ids"] for p in prompts] == [i for i in ids for _ in range(3)]
     assert len(out) == len(PROMPTS) and all(len(row) == 3 for row in out)
     for p, row in enumerate(out):
         for s, sample in enumerate(row):
-            assert (sample.prompt_index, sample.sample_index) == (p, s)
+            assert (sample.prompt_index, sample.sample_index) == (p, s) and sample.prompt_ids == ids[p]
             assert sample.truncated == (s == 2)
             assert sample.text == tok.decode(sample.token_ids, skip_special_tokens=True)
-        assert row[0].token_ids == [40 + p, 50, tok.eos_token_id] and len(row[2].token_ids) == 5
+            assert sample.token_ids[0] == 40 + request_seed(11, keys[p], s) % 50
+
+    # the same prompt key gets the same seeds whatever else is in the batch, or in which order
+    alone = VLLMGenerator("unused", tok, cfg, engine=FakeEngine(tok.eos_token_id),
+                          sampling_params_factory=lambda **kw: kw).generate(PROMPTS[1:2], keys[1:2])
+    assert [smp.token_ids for smp in alone[0]] == [smp.token_ids for smp in out[1]]
+
+
+def test_request_seed_depends_on_seed_prompt_and_sample_only():
+    assert request_seed(1, "a", 0) == request_seed(1, "a", 0)
+    assert len({request_seed(1, "a", 0), request_seed(2, "a", 0), request_seed(1, "b", 0), request_seed(1, "a", 1)}) == 4
+    assert all(0 <= request_seed(s, "x", 3) < 2**31 for s in range(50))
 
 
 def test_vllm_missing_gives_clear_error(tok, monkeypatch):

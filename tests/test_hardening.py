@@ -144,8 +144,8 @@ def test_empty_dataset_is_a_clear_error(tiny_model, tmp_path):
 @pytest.mark.parametrize("value", ["1.5", "-0.1"])
 def test_review_min_agreement_out_of_range_is_refused_before_training(tiny_model, tiny_data, tmp_path, value):
     run_dir = tmp_path / "run"
-    proc = run_cli(base_flags(tiny_model, tiny_data, str(run_dir), "--sera.enable", "--sera.crossfit_folds", "2",
-                              "--sera.review_min_agreement", value), check=False)
+    proc = run_cli(base_flags(tiny_model, tiny_data, str(run_dir), "--sera.enable", "--sera.review_refit", "crossfit",
+                              "--sera.crossfit_folds", "2", "--sera.review_min_agreement", value), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"--sera.review_min_agreement must be in [0, 1], got {float(value)}" in proc.stderr
     assert "Traceback" not in proc.stderr and not (run_dir / "iter_1").exists()

@@ -1,15 +1,15 @@
 """DAA losses: hand-computed values, OpenRLHF parity, gradient direction, limits and input validation.
 
-Expected values are computed here from the papers' formulas with `math`, never by calling the code under test.
-Parity with the real `openrlhf.models.loss.DPOLoss` is checked by a separate integration test (it needs
-OpenRLHF importable); here OpenRLHF's formula is restated inline.
+Expected values are literal numbers worked out by hand from the papers' formulas (the arithmetic is in the
+comments; the digits come from Python's `math`, never from torch or from the code under test), or come from a
+second, plain-Python implementation that loops over floats. Parity with the real `openrlhf.models.loss.DPOLoss`
+is checked by tests/test_trainer_losses.py::test_dpo_matches_openrlhf_dpoloss (it needs OpenRLHF importable).
 """
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sera_openrlhf.errors import ConfigError
 from sera_openrlhf.losses import (
@@ -30,10 +30,6 @@ RC = [-10.5, -11.0, -9.0]
 RR = [-10.5, -11.5, -8.0]
 LC = [5, 8, 4]
 LR = [4, 6, 10]
-
-
-def log_sigmoid(x: float) -> float:
-    return -math.log1p(math.exp(-x))
 
 
 def margins():
@@ -66,23 +62,28 @@ def test_margins_fixture():
 def test_dpo_values():
     beta = 0.5
     out = build_loss("dpo", beta=beta)(make_batch())
-    assert_close(out.losses, [-log_sigmoid(beta * h) for h in margins()])
-    assert_close(out.chosen_rewards, [beta * (pc - rc) for pc, rc in zip(PC, RC)])
-    assert_close(out.rejected_rewards, [beta * (pr - rr) for pr, rr in zip(PR, RR)])
+    # Rafailov et al. 2023, Eq. 7: -log sigma(beta * h) = log(1 + exp(-beta * h)); beta * h = [0.5, -1.25, 0.75]:
+    # log(1 + e^-0.5) = 0.474077, log(1 + e^1.25) = 1.501929, log(1 + e^-0.75) = 0.386871
+    assert_close(out.losses, [0.4740769841801067, 1.501929081345373, 0.38687100611489994])
+    # Eq. 5: r = beta * (log pi - log pi_ref); pc - rc = [0.5, -1.0, 1.0], pr - rr = [-0.5, 1.5, -0.5]
+    assert_close(out.chosen_rewards, [0.25, -0.5, 0.5])
+    assert_close(out.rejected_rewards, [-0.25, 0.75, -0.25])
 
 
 def test_cdpo_values():
     beta, eps = 0.5, 0.2
     out = build_loss("dpo", beta=beta, label_smoothing=eps)(make_batch())
-    expected = [-(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h) for h in margins()]
-    assert_close(out.losses, expected)
+    # Mitchell 2023 (cDPO), Eq. 3: (1 - eps) log(1 + e^(-beta h)) + eps log(1 + e^(beta h)), beta h = [0.5, -1.25, 0.75]
+    # e.g. pair 0: 0.8 * 0.474077 + 0.2 * 0.974077 = 0.574077
+    assert_close(out.losses, [0.5740769841801068, 1.2519290813453732, 0.5368710061149])
 
 
 def test_ipo_values():
     beta = 0.25  # target margin 1 / (2 beta) = 2
     out = build_loss("ipo", beta=beta)(make_batch())
-    assert_close(out.losses, [(h - 2.0) ** 2 for h in margins()])  # [1, 20.25, 0.25]
-    assert_close(out.chosen_rewards, [beta * (pc - rc) for pc, rc in zip(PC, RC)])
+    # Azar et al. 2023, Eq. 17: (h - 1 / (2 beta))^2 = ([1, -2.5, 1.5] - 2)^2
+    assert_close(out.losses, [1.0, 20.25, 0.25])
+    assert_close(out.chosen_rewards, [0.125, -0.25, 0.25])  # 0.25 * [0.5, -1.0, 1.0]
 
 
 def test_slic_values():
@@ -97,9 +98,11 @@ def test_slic_values():
 def test_simpo_values():
     beta, gamma = 2.0, 0.5
     out = build_loss("simpo", beta=beta, gamma=gamma)(make_batch())
-    rc = [beta * lp / n for lp, n in zip(PC, LC)]
-    rr = [beta * lp / n for lp, n in zip(PR, LR)]
-    assert_close(out.losses, [-log_sigmoid(a - b - gamma) for a, b in zip(rc, rr)])
+    # Meng et al. 2024, Eq. 4: r = beta / |y| * log pi(y|x)
+    rc = [-4.0, -3.0, -4.0]  # 2 * [-10/5, -12/8, -8/4]
+    rr = [-5.5, -10 / 3, -1.7]  # 2 * [-11/4, -10/6, -8.5/10]
+    # Eq. 6: log(1 + exp(-(r_w - r_l - gamma))), r_w - r_l - gamma = [1.0, -1/6, -2.8]
+    assert_close(out.losses, [0.31326168751822286, 0.7799487247663041, 2.8590328262879714])
     assert_close(out.chosen_rewards, rc)
     assert_close(out.rejected_rewards, rr)
 
@@ -114,9 +117,10 @@ def test_simpo_ignores_reference():
 def test_rdpo_values():
     beta, alpha = 0.5, 0.1
     out = build_loss("rdpo", beta=beta, alpha=alpha)(make_batch())
-    expected = [-log_sigmoid(beta * h + alpha * (lc - lr)) for h, lc, lr in zip(margins(), LC, LR)]
-    assert_close(out.losses, expected)
-    assert_close(out.chosen_rewards, [beta * (pc - rc) for pc, rc in zip(PC, RC)])
+    # Park et al. 2024, Eq. 9: log(1 + exp(-(beta h + alpha (|y_w| - |y_l|)))); beta h = [0.5, -1.25, 0.75],
+    # |y_w| - |y_l| = [1, 2, -6], so the argument is [0.6, -1.05, 0.15]
+    assert_close(out.losses, [0.4374879504858856, 1.3500584796176431, 0.6209570477895321])
+    assert_close(out.chosen_rewards, [0.25, -0.5, 0.5])  # the length-free DPO reward, as for dpo
 
 
 def test_rdpo_credits_longer_chosen_to_length():
@@ -129,38 +133,67 @@ def test_rdpo_credits_longer_chosen_to_length():
     assert (rdpo[longer] < dpo[longer]).all() and (rdpo[~longer] > dpo[~longer]).all()
 
 
-# ---------------------------------------------------------------- OpenRLHF parity (formula restated)
+# ---------------------------------------------------------------- second implementation (plain Python floats)
 
 
-def openrlhf_dpo_formula(pc, pr, rc, rr, beta, label_smoothing=0.0, ipo=False):
-    """openrlhf/models/loss.py::DPOLoss.forward (0.11.2), restated: returns (mean loss, chosen, rejected)."""
-    logits = (pc - pr) - (rc - rr)
-    if ipo:
-        losses = (logits - 1 / (2 * beta)) ** 2
-    else:
-        losses = (
-            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
-            - F.logsigmoid(-beta * logits) * label_smoothing
-        )
-    return losses.mean(), beta * (pc - rc).detach(), beta * (pr - rr).detach()
+def softplus(x: float) -> float:
+    """log(1 + e^x) without overflow: -log sigma(z) = softplus(-z)."""
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def reference_losses(name, params, pc, pr, rc, rr, lc, lr):
+    """Per-example losses and implicit rewards from the papers, one pair at a time in float64 Python arithmetic.
+
+    The margin is written as the difference of the two sides' log-ratios (log pi/pi_ref (y_w) - log pi/pi_ref
+    (y_l)), not in OpenRLHF's (pi_w - pi_l) - (ref_w - ref_l) order the implementation uses.
+    """
+    losses, chosen, rejected = [], [], []
+    for c, r, c0, r0, nc, nr in zip(pc, pr, rc, rr, lc, lr):
+        beta = params.get("beta", 2.0 if name == "simpo" else 0.1)
+        if name == "simpo":  # Meng et al. 2024, Eq. 4 and 6
+            r_w, r_l = beta * c / nc, beta * r / nr
+            losses.append(softplus(-(r_w - r_l - params.get("gamma", 0.5))))
+        else:
+            r_w, r_l = beta * (c - c0), beta * (r - r0)  # Rafailov et al. 2023, Eq. 5
+            h = (c - c0) - (r - r0)
+            if name == "dpo":  # Eq. 7; cDPO (Mitchell 2023, Eq. 3) for label_smoothing eps > 0
+                eps = params.get("label_smoothing", 0.0)
+                losses.append((1 - eps) * softplus(-beta * h) + eps * softplus(beta * h))
+            elif name == "ipo":  # Azar et al. 2023, Eq. 17
+                losses.append((h - 1 / (2 * beta)) ** 2)
+            elif name == "slic":  # Zhao et al. 2023, Eq. 1 on beta * h
+                losses.append(max(0.0, params.get("delta", 1.0) - beta * h))
+            elif name == "rdpo":  # Park et al. 2024, Eq. 9
+                losses.append(softplus(-(beta * h + params.get("alpha", 0.01) * (nc - nr))))
+        chosen.append(r_w)
+        rejected.append(r_l)
+    return losses, chosen, rejected
 
 
 @pytest.mark.parametrize(
-    "name,params,ipo",
+    "name,params",
     [
-        ("dpo", {"beta": 0.1}, False),
-        ("dpo", {"beta": 0.1, "label_smoothing": 0.1}, False),
-        ("ipo", {"beta": 0.1}, True),
+        ("dpo", {"beta": 0.1}),
+        ("dpo", {"beta": 0.1, "label_smoothing": 0.1}),
+        ("ipo", {"beta": 0.1}),
+        ("slic", {"beta": 0.1, "delta": 1.0}),
+        ("simpo", {"beta": 2.0, "gamma": 0.5}),
+        ("rdpo", {"beta": 0.1, "alpha": 0.05}),
     ],
 )
-def test_matches_openrlhf_formula(name, params, ipo):
+def test_matches_plain_python_reference_fp32(name, params):
+    # fp32 log-probs of realistic magnitude (as the trainer passes them); the reference runs in float64 on the
+    # same fp32 values, so only the implementation's fp32 rounding separates the two.
     g = torch.Generator().manual_seed(0)
-    pc, pr, rc, rr = (-50 * torch.rand(8, generator=g) for _ in range(4))  # fp32, realistic magnitudes
-    out = build_loss(name, **params)(PreferenceBatch(pc, pr, rc, rr))
-    ref_loss, ref_chosen, ref_rejected = openrlhf_dpo_formula(pc, pr, rc, rr, ipo=ipo, **params)
-    torch.testing.assert_close(out.losses.mean(), ref_loss, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(out.chosen_rewards, ref_chosen, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(out.rejected_rewards, ref_rejected, atol=1e-6, rtol=1e-6)
+    pc, pr, rc, rr = (-50 * torch.rand(8, generator=g) for _ in range(4))
+    lc, lr = (torch.randint(1, 40, (8,), generator=g) for _ in range(2))
+    out = build_loss(name, **params)(PreferenceBatch(pc, pr, rc, rr, lc, lr))
+    losses, chosen, rejected = reference_losses(name, params, *(t.tolist() for t in (pc, pr, rc, rr, lc, lr)))
+    as32 = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    torch.testing.assert_close(out.losses, as32(losses), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.losses.mean(), as32(sum(losses) / len(losses)), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.chosen_rewards, as32(chosen), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.rejected_rewards, as32(rejected), atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- properties of every built-in
@@ -193,18 +226,32 @@ def test_gradient_raises_chosen_and_lowers_rejected(name):
     assert (loss_fn(batch).losses < before.detach()).all()
 
 
+# Implicit rewards of make_batch() at each loss's default beta, by hand:
+#   DPO-style (dpo, ipo, slic, rdpo; beta 0.1), Rafailov et al. 2023, Eq. 5: 0.1 * (log pi - log pi_ref) with
+#     pc - rc = [0.5, -1.0, 1.0] and pr - rr = [-0.5, 1.5, -0.5]
+#   SimPO (beta 2.0), Meng et al. 2024, Eq. 4: 2 * log pi / |y| = 2 * [-10/5, -12/8, -8/4], 2 * [-11/4, -10/6, -8.5/10]
+DPO_REWARDS = ([0.05, -0.1, 0.1], [-0.05, 0.15, -0.05])
+DEFAULT_REWARDS = {"dpo": DPO_REWARDS, "ipo": DPO_REWARDS, "slic": DPO_REWARDS, "rdpo": DPO_REWARDS,
+                   "simpo": ([-4.0, -3.0, -4.0], [-5.5, -10 / 3, -1.7])}
+
+
 @pytest.mark.parametrize("name", BUILTINS)
 def test_rewards_equal_implicit_reward(name):
+    """Training (the loss's reported rewards) and self-review (`implicit_reward`, which SeRA's IRM calls) both
+    give the paper's reward, each checked against the hand-computed numbers rather than against each other."""
     batch = make_batch()
     loss_fn = build_loss(name)
     out = loss_fn(batch)
-    torch.testing.assert_close(
-        out.chosen_rewards,
+    chosen, rejected = DEFAULT_REWARDS[name]
+    assert_close(out.chosen_rewards, chosen, tol=1e-12)
+    assert_close(out.rejected_rewards, rejected, tol=1e-12)
+    assert_close(
         implicit_reward(loss_fn, batch.policy_chosen_logps, batch.reference_chosen_logps, batch.chosen_lengths),
+        chosen, tol=1e-12,
     )
-    torch.testing.assert_close(
-        out.rejected_rewards,
+    assert_close(
         implicit_reward(loss_fn, batch.policy_rejected_logps, batch.reference_rejected_logps, batch.rejected_lengths),
+        rejected, tol=1e-12,
     )
 
 

@@ -1,7 +1,7 @@
 """Probe one configuration on a seed built by run.py: does the implicit reward agree with gold?
 
     python benchmarks/quality/probe.py --out runs/quality --seed 0 --name cf_e3 --labels noisy -- \
-        --train.max_epochs 3 --sera.iterations 2 --sera.generated_share_max 0 --sera.crossfit_folds 2
+        --train.max_epochs 3 --sera.iterations 2 --sera.generated_share_max 0 --sera.review_refit frozen --sera.crossfit_folds 2
 
 Runs the product's entry point once with the benchmark's stock flags for that seed (as in run.py) plus the flags
 after `--`, on the seed's pairs with their noisy labels, only the gold-agreeing ones (`oracle`) or gold labels

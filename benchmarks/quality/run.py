@@ -52,7 +52,7 @@ METHODS = {
     "control": ("iterative DPO control (keep_ratio 1.0)", ["--sera.keep_ratio", "1.0"]),
     "sera_ss": ("SeRA self-review only", ["--sera.generated_share_max", "0"]),
     "sera": ("full SeRA (defaults, guards on)", []),
-    "sera_cf2": ("full SeRA, crossfit 2 folds", ["--sera.crossfit_folds", "2"]),
+    "sera_cf2": ("full SeRA, crossfit 2 folds", ["--sera.review_refit", "crossfit", "--sera.crossfit_folds", "2"]),
     "sera_ipo": ("full SeRA, IPO loss", ["--sera.loss", "ipo"]),
     # reference points, not options a user has: they read the gold labels
     "dpo_oracle": ("offline DPO, gold-wrong pairs removed (a perfect self-review)", ["--sera.iterations", "1"]),

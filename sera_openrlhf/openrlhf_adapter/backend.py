@@ -11,10 +11,10 @@ import copy
 import torch
 import torch.distributed as dist
 
-from sera_openrlhf.errors import ConfigError
 from sera_openrlhf.generation import GenerationConfig
 from sera_openrlhf.losses import DAALoss
-from sera_openrlhf.openrlhf_adapter.generate import generate_samples
+from sera_openrlhf.openrlhf_adapter.dataset import prompt_too_long
+from sera_openrlhf.openrlhf_adapter.generate import format_prompt, generate_samples, load_hf_tokenizer
 from sera_openrlhf.openrlhf_adapter.train import (CachedReference, ScoringModel, build_dataset, score_dataset,
                                                   scoring_shard, train_policy)
 from sera_openrlhf.scoring import score_sequences
@@ -49,6 +49,24 @@ class OpenRLHFBackend:
             cache_dir=self.cache_dir,
         )
 
+    def over_long(self, rows, prompts) -> tuple[set, set]:
+        """Ids of the offline pairs and of the bootstrapping prompts whose formatted prompt does not fit
+        --data.max_len (OpenRLHF's own rule), tokenised by the initial policy's tokenizer."""
+        from openrlhf.datasets.reward_dataset import preprocess_data
+
+        tokenizer = load_hf_tokenizer(self.args, self.args.model.model_name_or_path)
+        d, max_len = self.args.data, self.args.data.max_len
+        apply_tpl = tokenizer.apply_chat_template if d.apply_chat_template else None
+        if d.apply_chat_template and d.tokenizer_chat_template:
+            tokenizer.chat_template = d.tokenizer_chat_template
+        key = "prompt" if self.use_prompt_key else None
+        pairs = {r["id"] for r in rows if prompt_too_long(
+            tokenizer, preprocess_data(r, d.input_template, key, "chosen", "rejected", apply_tpl, is_dpo=True)[0],
+            max_len)}
+        long_prompts = {p["id"] for p in prompts
+                        if prompt_too_long(tokenizer, format_prompt(self.args, tokenizer, p["prompt"]), max_len)}
+        return pairs, long_prompts
+
     def pair_rewards(self, policy: str, reference: str, rows) -> dict:
         """Implicit rewards of every pair under (policy, its reference): [N] tensors aligned with `ids`, plus the
         ids of pairs skipped for an over-long prompt."""
@@ -70,19 +88,14 @@ class OpenRLHFBackend:
                 "chosen_len": lens_c, "rejected_len": lens_r}
 
     def sequence_logps(self, models: dict, rows) -> tuple[dict, list]:
-        """Summed response log-probs of each row's `chosen` under every model: models maps a directory to the
-        tags it is scored under. Returns ({tag: [logp per row]}, [response tokens per row])."""
-        logps, n_tokens, dataset = {}, None, None
+        """Summed log-probs of each row's response token ids (`token_ids`, after its `prompt_ids`: the ids that
+        were generated, never re-encoded text) under every model; `models` maps a directory to the tags it is
+        scored under. Returns ({tag: [logp per row]}, [response tokens per row])."""
+        sequences = [(r["prompt_ids"] + r["token_ids"], len(r["prompt_ids"])) for r in rows]
+        logps, n_tokens = {}, []
+        rank, world = scoring_shard(self.args)
         for path, tags in models.items():
             scorer = ScoringModel.load(self.args, self.strategy, path)
-            if dataset is None:  # one tokenisation for every model (they share the policy's tokenizer)
-                dataset = build_dataset(self.args, scorer.tokenizer, rows, True)
-                if dataset.too_long_ids:
-                    raise ConfigError(f"{len(dataset.too_long_ids)} bootstrapping prompts are longer than "
-                                      f"--data.max_len {self.args.data.max_len}; raise it or shorten "
-                                      "--sera.prompts")
-                sequences = [dataset.pair_tokens(i)[0::2] for i in range(len(dataset))]
-            rank, world = scoring_shard(self.args)
             res = score_sequences(
                 scorer.logprob_fn, sequences, scorer.tokenizer.pad_token_id,
                 max_tokens_per_batch=self.args.sera.score_tokens_per_batch,
@@ -95,6 +108,7 @@ class OpenRLHFBackend:
             n_tokens = [int(x) for x in res.num_tokens]
         return logps, n_tokens
 
-    def generate(self, policy: str, prompts: list, config: GenerationConfig):
-        """P lists of S `Sample`s from `policy` for `prompts` (strings or chat-message lists)."""
-        return generate_samples(self.args, self.strategy, policy, prompts, config)
+    def generate(self, policy: str, prompts: list, config: GenerationConfig, keys: list[str]):
+        """P lists of S `Sample`s from `policy` for `prompts` (strings or chat-message lists); `keys` are the
+        prompts' ids (per-request seeds)."""
+        return generate_samples(self.args, self.strategy, policy, prompts, config, keys)

@@ -18,6 +18,12 @@ from openrlhf.datasets.reward_dataset import preprocess_data
 from sera_openrlhf.errors import ConfigError
 
 
+def prompt_too_long(tokenizer, prompt: str, max_length: int) -> bool:
+    """The rule RewardDataset applies: a formatted prompt of >= max_length - 2 tokens is dropped."""
+    n = len(tokenizer(prompt, max_length=max_length, truncation=True, add_special_tokens=False)["input_ids"])
+    return n >= max_length - 2
+
+
 def data_view(args, prompt_key):
     """The `strategy.args.data` view RewardDataset reads, with our fixed column names."""
     d = args.data
@@ -58,9 +64,7 @@ class IndexedRewardDataset(RewardDataset):
             prompt, _, _, _ = preprocess_data(
                 row, input_template, view.args.data.prompt_key, "chosen", "rejected", apply_tpl, is_dpo=True
             )
-            n = len(tokenizer(prompt, max_length=max_length, truncation=True, add_special_tokens=False)["input_ids"])
-            # the same rule RewardDataset applies (prompt_ids_len >= max_length - 2 is dropped)
-            (self.too_long_ids if n >= max_length - 2 else kept).append(row)
+            (self.too_long_ids if prompt_too_long(tokenizer, prompt, max_length) else kept).append(row)
         self.ids = [str(r["id"]) for r in kept]
         self.weights = torch.tensor([float(r.get("weight", 1.0)) for r in kept], dtype=torch.float32)
         self.nll_coefs = torch.tensor([float(r.get("nll_coef", 0.0)) for r in kept], dtype=torch.float32)

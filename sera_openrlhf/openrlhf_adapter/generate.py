@@ -31,22 +31,29 @@ def format_prompt(args, tokenizer, prompt) -> str:
     return text
 
 
-def generate_samples(args, strategy, model_path: str, prompts: list, cfg: GenerationConfig):
+def load_hf_tokenizer(args, path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.sera.trust_remote_code)
+    if tokenizer.pad_token is None:  # as OpenRLHF's get_tokenizer does
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def generate_samples(args, strategy, model_path: str, prompts: list, cfg: GenerationConfig, keys: list[str]):
     """P lists of S `Sample`s for the given prompts (strings, or chat-message lists with
-    --data.apply_chat_template)."""
+    --data.apply_chat_template); `keys` (prompt ids) seed vLLM's requests."""
     samples = None
     if strategy.is_rank_0():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.sera.trust_remote_code)
-        if tokenizer.pad_token is None:  # as OpenRLHF's get_tokenizer does
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_hf_tokenizer(args, model_path)
         prompts = [format_prompt(args, tokenizer, p) for p in prompts]
         if args.sera.generation_backend == "vllm":
             gen = build_generator("vllm", tokenizer, cfg, model_path=model_path,
                                   tensor_parallel_size=args.sera.vllm_tensor_parallel_size,
                                   gpu_memory_utilization=args.sera.vllm_gpu_memory_utilization)
-            samples = gen.generate(prompts)
+            samples = gen.generate(prompts, keys)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=_DTYPES[args.ds.param_dtype], trust_remote_code=args.sera.trust_remote_code,
@@ -54,7 +61,7 @@ def generate_samples(args, strategy, model_path: str, prompts: list, cfg: Genera
             )
             if torch.cuda.is_available():
                 model = model.to(torch.cuda.current_device())
-            samples = build_generator("hf", tokenizer, cfg, model=model).generate(prompts)
+            samples = build_generator("hf", tokenizer, cfg, model=model).generate(prompts, keys)
             del model
             gc.collect()
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,4 +1,4 @@
-"""Generate phase (SeRA-PB): N samples per prompt from π_{t-1}, written to samples.jsonl."""
+"""Generate phase (SeRA-PB): N samples per prompt from π_{t-1}, written to samples.jsonl with their token ids."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ def iteration_prompts(ctx: RunContext, t: int) -> list:
 def run(ctx: RunContext, t: int) -> dict:
     prompts = iteration_prompts(ctx, t)
     config = GenerationConfig.from_bootstrap(ctx.cfg.bootstrap, seed=ctx.phase_seed(t, 2))
-    samples = ctx.backend.generate(ctx.layout.policy(t - 1), [p["prompt"] for p in prompts], config)
+    samples = ctx.backend.generate(ctx.layout.policy(t - 1), [p["prompt"] for p in prompts], config,
+                                   [p["id"] for p in prompts])
     rows = [{"prompt_id": p["id"], "prompt": p["prompt"], "sample_index": smp.sample_index, "text": smp.text,
-             "truncated": smp.truncated, "n_generated_tokens": len(smp.token_ids)}
+             "truncated": smp.truncated, "n_generated_tokens": len(smp.token_ids), "prompt_ids": smp.prompt_ids,
+             "token_ids": smp.token_ids}
             for p, group in zip(prompts, samples) for smp in group]
     ctx.write_rows(ctx.layout.samples(t), rows)
     n = len(rows)

@@ -1,6 +1,7 @@
-"""Pair phase (SeRA-PB): the ensembled implicit reward of each sample, the fluency guard, and one (best, worst)
-pair per prompt (design §1b guards: truncation, degenerate text, min margin, DICE length de-biasing).
-Writes bootstrapped.jsonl sorted by margin."""
+"""Pair phase (SeRA-PB): the ensembled implicit reward of each sample, the fluency guard (a floor fixed in
+advance, see fluency.py), and one (best, worst) pair per prompt (design §1b guards: truncation, degenerate
+text, min margin, DICE length de-biasing). Writes bootstrapped.jsonl sorted by margin; with no pair it warns
+with the cause and the iteration trains on its offline pairs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from sera_openrlhf.bootstrap import ensemble_rewards, fit_length_alpha, fluency_
 from sera_openrlhf.fileio import read_jsonl
 from sera_openrlhf.phases import RunContext, as_response
 from sera_openrlhf.phases.score import ensemble_members
+
+
+def fixed_floor(ctx: RunContext) -> float | None:
+    """--sera.fluency_floor if given, else the floor fixed once from the initial policy's samples."""
+    if ctx.cfg.bootstrap.fluency_floor is not None:
+        return ctx.cfg.bootstrap.fluency_floor
+    return ctx.state.stats(1)["fluency_floor"]["floor"]
 
 
 def run(ctx: RunContext, t: int) -> dict:
@@ -27,7 +35,9 @@ def run(ctx: RunContext, t: int) -> dict:
     for k in members:
         pi, ref = grid([r["logp"][f"pi{k}"] for r in rows]), grid([r["logp"][f"ref{k}"] for r in rows])
         r_k = ctx.loss.implicit_reward(pi.flatten(), ref.flatten(), lengths.flatten()).view(P, S)
-        rewards.append(r_k / lengths if b.length_normalized_reward else r_k)
+        # SimPO's reward is per token already: normalising it again would divide by the length twice
+        per_token = b.length_normalized_reward and not ctx.loss.length_normalized
+        rewards.append(r_k / lengths if per_token else r_k)
     reward = ensemble_rewards(torch.stack(rewards), weights)
     texts = [[rows[p * S + j]["text"] for j in range(S)] for p in range(P)]
     truncated = torch.tensor([r["truncated"] for r in rows], dtype=torch.bool).view(P, S)
@@ -35,7 +45,8 @@ def run(ctx: RunContext, t: int) -> dict:
         valid, guard = torch.ones(P, S, dtype=torch.bool), {"off": True}
     else:
         init_mean = grid([r["logp"]["init"] for r in rows]) / lengths
-        valid, guard = fluency_guard(init_mean, texts, b.fluency_floor, b.fluency_quantile)
+        valid, guard = fluency_guard(init_mean, texts, fixed_floor(ctx))
+        guard["floor"] = fixed_floor(ctx)
     alpha = 0.0
     if b.length_debias:
         alpha = fit_length_alpha(reward, lengths, pairing_mask(valid, texts, truncated, not b.keep_truncated))
@@ -48,6 +59,9 @@ def run(ctx: RunContext, t: int) -> dict:
                     "chosen": as_response(c["prompt"], c["text"]), "rejected": as_response(r["prompt"], r["text"]),
                     "margin": bp.margin, "debiased_margin": bp.debiased_margin,
                     "chosen_len": c["n_tokens"], "rejected_len": r["n_tokens"]})
+    if not out:
+        ctx.backend.print(f"[sera] warning: iteration {t}: bootstrapping produced no pair: {pstats['no_pair_cause']}. "
+                          "This iteration trains on its kept offline pairs only.")
     ctx.write_rows(ctx.layout.bootstrapped(t), out)
     return {**pstats, "guard": guard, "alpha": alpha, "ensemble": {"policies": members, "weights": weights},
             "n_pairs": len(out), "margins": [o["margin"] for o in out],

@@ -1,7 +1,8 @@
 """Review phase (SeRA-SS): score every offline pair by its implicit reward margin and select.
 
-Scored by π_{t-1} (or, with --sera.review_policy first_pass, π_1; with --sera.crossfit_folds, each fold by the
-fold policy trained without it). Writes review.jsonl (every pair) and kept.jsonl (the kept pairs).
+Which policies score the pairs is --sera.review_refit: `current` π_{t-1} (in-sample); `crossfit` fold k by π_{t-1}'s
+twin trained without fold k; `frozen` the iteration-1 policies (fold twins of π_1, else π_1 itself), so the
+review is the same every iteration. Writes review.jsonl (every pair) and kept.jsonl (the kept pairs).
 """
 
 from __future__ import annotations
@@ -26,17 +27,21 @@ def fold_rows(ctx: RunContext, k: int, held_out: bool) -> list:
     return [r for r, f in zip(ctx.rows, folds(ctx)) if (f == k) == held_out]
 
 
+def scoring_iteration(ctx: RunContext, t: int) -> int:
+    """s such that π_s (or its fold twins) scores the review of iteration t."""
+    return 1 if ctx.cfg.review.review_refit == "frozen" else t - 1
+
+
 def score(ctx: RunContext, t: int):
     """Implicit rewards of every offline pair, and the fold of each id (empty without cross-fitting)."""
-    n_folds = ctx.cfg.review.crossfit_folds
+    n_folds, s = ctx.cfg.review.crossfit_folds, scoring_iteration(ctx, t)
     if n_folds >= 2:
-        parts = [ctx.backend.pair_rewards(ctx.layout.fold_policy(k), ctx.layout.reference(1),
+        parts = [ctx.backend.pair_rewards(ctx.layout.fold_policy(s, k), ctx.layout.reference(s),
                                           fold_rows(ctx, k, held_out=True)) for k in range(n_folds)]
         scores = {key: (sum((p[key] for p in parts), []) if isinstance(parts[0][key], list)
                         else torch.cat([p[key] for p in parts])) for key in parts[0]}
         return scores, dict(zip((r["id"] for r in ctx.rows), folds(ctx)))
-    src = 1 if ctx.cfg.review.review_policy == "first_pass" else t - 1
-    return ctx.backend.pair_rewards(ctx.layout.policy(src), ctx.layout.reference(src), ctx.rows), {}
+    return ctx.backend.pair_rewards(ctx.layout.policy(s), ctx.layout.reference(s), ctx.rows), {}
 
 
 def read_irm(ctx: RunContext, t: int) -> dict:
@@ -97,12 +102,18 @@ def run(ctx: RunContext, t: int) -> dict:
     return stats
 
 
-def converged(ctx: RunContext, t: int) -> bool:
-    """The kept set is stable (Jaccard with t-1's ≥ --sera.converge_jaccard) and the mean kept IRM no longer
-    rises by --sera.converge_min_gain."""
+def stable(ctx: RunContext, t: int) -> bool:
+    """Review t kept nearly the same set as review t-1 (Jaccard ≥ --sera.converge_jaccard) and its mean kept IRM
+    rose by less than --sera.converge_min_gain."""
     if t < 3:
         return False
     now, before = ctx.state.stats(t)["review"], ctx.state.stats(t - 1)["review"]
     gain = (now["mean_irm_kept"] or 0.0) - (before["mean_irm_kept"] or 0.0)
     return (now["jaccard_previous"] is not None and now["jaccard_previous"] >= ctx.cfg.loop.converge_jaccard
             and gain < ctx.cfg.loop.converge_min_gain)
+
+
+def converged(ctx: RunContext, t: int) -> bool:
+    """Stable in two consecutive reviews (t-1 and t). Never with a frozen review: it cannot change, so its
+    stability says nothing about the policy."""
+    return ctx.cfg.review.review_refit != "frozen" and stable(ctx, t - 1) and stable(ctx, t)

@@ -1,5 +1,5 @@
-"""Score phase (SeRA-PB): log-probs of every sample under each ensemble member π_k, its reference, and the
-initial reference (for the fluency guard). Adds them to samples.jsonl."""
+"""Score phase (SeRA-PB): log-probs of every sample's generated token ids under each ensemble member π_k, its
+reference, and the initial reference (for the fluency guard). Adds them to samples.jsonl."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 from sera_openrlhf.bootstrap import ensemble_weights
 from sera_openrlhf.fileio import read_jsonl
-from sera_openrlhf.phases import RunContext, as_response
+from sera_openrlhf.phases import RunContext
 
 
 def ensemble_members(ctx: RunContext, t: int) -> tuple[list, list]:
@@ -27,10 +27,7 @@ def run(ctx: RunContext, t: int) -> dict:
     by_path = {}  # a directory scored once even when it plays several roles (π_1 is π_2's reference, ...)
     for tag, path in models.items():
         by_path.setdefault(os.path.abspath(path), []).append(tag)
-    # each sample once: the chosen side of a (text, text) row
-    pair_rows = [{"id": f"s{n}", "prompt": r["prompt"], "chosen": as_response(r["prompt"], r["text"]),
-                  "rejected": as_response(r["prompt"], r["text"])} for n, r in enumerate(rows)]
-    logps, n_tokens = ctx.backend.sequence_logps(by_path, pair_rows)
+    logps, n_tokens = ctx.backend.sequence_logps(by_path, rows)
     for n, r in enumerate(rows):
         r["logp"] = {tag: logps[tag][n] for tag in sorted(logps)}
         r["n_tokens"] = n_tokens[n]

@@ -1,20 +1,23 @@
 """Train phase: the iteration's training mix (kept offline pairs with their weights + bootstrapped pairs at the
-generated share) → π_t. Writes train_set.jsonl; the policy goes to iter_<t>/policy."""
+generated share) → π_t, and, for a cross-fitted review, π_t's fold twins. Writes train_set.jsonl; the policy
+goes to iter_<t>/policy, the twins to iter_<t>/fold_<k>/policy."""
 
 from __future__ import annotations
 
 import os
+import random
 
 from sera_openrlhf.config import LoopConfig
+from sera_openrlhf.errors import ConfigError
 from sera_openrlhf.fileio import read_jsonl
 from sera_openrlhf.phases import RunContext
-from sera_openrlhf.phases.review import fold_rows
+from sera_openrlhf.phases.review import folds
 
 
 def generated_share(loop: LoopConfig, t: int) -> float:
-    """Linear schedule: 0 at iteration 1, --sera.generated_share_max at the last iteration."""
-    T = loop.iterations
-    return 0.0 if T <= 1 else loop.generated_share_max * (t - 1) / (T - 1)
+    """min(--sera.generated_share_max, --sera.generated_share_step · (t − 1)): 0 at iteration 1, and the same
+    share at iteration t whatever --sera.iterations is."""
+    return min(loop.generated_share_max, loop.generated_share_step * (t - 1))
 
 
 def first_pass(ctx: RunContext) -> dict:
@@ -25,10 +28,29 @@ def first_pass(ctx: RunContext) -> dict:
     return {**stats, "n_offline": len(ctx.rows), "n_generated": 0, "generated_share": 0.0}
 
 
-def crossfit_fold(ctx: RunContext, k: int) -> dict:
-    """Iteration 1, fold k: the review policy for fold k, trained on every other fold."""
-    return ctx.backend.train("iter1", fold_rows(ctx, k, held_out=False), ctx.layout.policy(0),
-                             ctx.layout.reference(1), ctx.layout.fold_policy(k))
+def fold_twins_needed(ctx: RunContext, t: int) -> bool:
+    """Does a later review read π_t's fold twins? (crossfit: review t + 1; frozen: every review, from π_1's)."""
+    refit = ctx.cfg.review.review_refit
+    return (refit == "crossfit" and t < ctx.cfg.loop.iterations) or (refit == "frozen" and t == 1 and
+                                                                     ctx.cfg.review.crossfit_folds >= 2)
+
+
+def fold_twin(ctx: RunContext, t: int, k: int) -> dict:
+    """π_t's twin without offline fold k: the same start and training set as π_t, minus fold k's offline pairs
+    (bootstrapped pairs stay), so it scores fold k out of sample at the next review."""
+    rows = ctx.rows if t == 1 else read_jsonl(ctx.layout.train_set(t))
+    fold_of = dict(zip((r["id"] for r in ctx.rows), folds(ctx)))
+    rows = [r for r in rows if fold_of.get(r["id"]) != k]
+    stats = ctx.backend.train(f"iter{t}_fold{k}", rows, ctx.layout.policy(t - 1), ctx.layout.reference(t),
+                              ctx.layout.fold_policy(t, k))
+    return {**stats, "fold": k, "n_rows": len(rows)}
+
+
+def pick_generated(ctx: RunContext, t: int, boot: list, n: int) -> list:
+    """n of the bootstrapped pairs (sorted by margin): --sera.generated_pick random (seeded) or margin."""
+    if n >= len(boot) or ctx.cfg.loop.generated_pick == "margin":
+        return boot[:n]
+    return sorted(random.Random(ctx.phase_seed(t, 6)).sample(boot, n), key=lambda b: -b["margin"])
 
 
 def run(ctx: RunContext, t: int) -> dict:
@@ -39,10 +61,15 @@ def run(ctx: RunContext, t: int) -> dict:
     share = generated_share(ctx.cfg.loop, t)
     n_gen = min(len(boot), round(share / (1 - share) * len(offline)))
     generated = [{"id": b["id"], "prompt": b["prompt"], "chosen": b["chosen"], "rejected": b["rejected"],
-                  "weight": 1.0, "nll_coef": ctx.cfg.bootstrap.bootstrap_nll_coef} for b in boot[:n_gen]]
+                  "weight": 1.0, "nll_coef": ctx.cfg.bootstrap.bootstrap_nll_coef}
+                 for b in pick_generated(ctx, t, boot, n_gen)]
     rows = offline + generated
+    if not rows:
+        raise ConfigError(f"iteration {t} has nothing to train on: self-review kept no offline pair and "
+                          "bootstrapping produced none (see the warnings above)")
     ctx.write_rows(ctx.layout.train_set(t), rows)
     stats = ctx.backend.train(f"iter{t}", rows, ctx.layout.policy(t - 1), ctx.layout.reference(t),
                               ctx.layout.policy(t))
-    return {**stats, "n_offline": len(offline), "n_generated": len(generated),
+    return {**stats, "n_offline": len(offline), "n_generated": len(generated), "n_bootstrapped_pool": len(boot),
+            "generated_pick": ctx.cfg.loop.generated_pick,
             "generated_share": len(generated) / max(len(rows), 1), "generated_share_target": share}

@@ -34,7 +34,7 @@ CONFIG_HIGHLIGHTS = (
     ("direction", "sera.select_direction", "--sera.select_direction"),
     ("drop negative IRM", "sera.drop_negative_irm", "--sera.drop_negative_irm"),
     ("cross-fit folds", "sera.crossfit_folds", "--sera.crossfit_folds"),
-    ("review policy", "sera.review_policy", "--sera.review_policy"),
+    ("review refit", "sera.review_refit", "--sera.review_refit"),
     ("generated share (max)", "sera.generated_share_max", "--sera.generated_share_max"),
     ("num_samples", "sera.num_samples", "--sera.num_samples"),
     ("num_prompts", "sera.num_prompts", "--sera.num_prompts"),

@@ -97,6 +97,11 @@ def _header(s: RunSummary) -> list[str]:
         if skipped:
             line += "; skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items())
         lines.append(line + ".\n")
+        too_long = s.data.get("prompt_too_long") or {}
+        counts = {**too_long.get("pairs", {}), **too_long.get("prompts", {})}
+        if any(counts.values()):
+            lines.append("Skipped for a prompt longer than `--data.max_len`: "
+                         + ", ".join(f"{n} from `{src}`" for src, n in counts.items()) + ".\n")
     return lines
 
 
