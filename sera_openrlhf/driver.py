@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 from sera_openrlhf import events
 from sera_openrlhf.config import SeraConfig
@@ -90,6 +91,13 @@ def logger_settings(args) -> LoggerSettings:
                           tensorboard_dir=lg.tensorboard_dir)
 
 
+def eval_rows(args, spec: DataSpec):
+    """--eval.dataset (split --eval.split), read like the training data; None without it."""
+    if not args.eval.dataset:
+        return None
+    return load_offline(replace(spec, dataset=args.eval.dataset, split=args.eval.split, prompts=None)).rows
+
+
 def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
     """Entry point of `--sera.enable` (cfg already validated). Returns the final policy's directory."""
     from sera_openrlhf.openrlhf_adapter.backend import OpenRLHFBackend
@@ -108,7 +116,7 @@ def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
         state = RunState(layout.state, dump_args(args), cfg.loop.force_resume, strategy.is_rank_0(),
                          inputs=content_sha256(spec))
         backend = OpenRLHFBackend(args, strategy, use_prompt_key=offline.use_prompt_key, cache_dir=layout.cache,
-                                  daa_loss=daa_loss)
+                                  daa_loss=daa_loss, eval_rows=eval_rows(args, spec))
         offline, prompts = drop_over_long(spec, offline, prompts, *backend.over_long(offline.rows, prompts),
                                           args.data.max_len)
         skipped = offline.info["prompt_too_long"]

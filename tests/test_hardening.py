@@ -129,8 +129,10 @@ def test_identical_and_overlong_pairs_are_counted_and_skipped(tiny_model, tiny_d
                        "--sera.generated_share_max", "0"))
     state = json.loads((run_dir / "sera_state.json").read_text())
     assert state["data"]["skipped"] == {"identical_responses": 1}
-    assert state["iterations"]["1"]["train"]["n_prompt_too_long"] == 1
-    assert state["iterations"]["2"]["review"]["n_prompt_too_long"] == 1
+    # the over-long pair is skipped once, before anything trains, and counted per source
+    assert state["data"]["prompt_too_long"]["pairs"] == {str(data): 1} and state["data"]["n_pairs"] == 62
+    assert state["iterations"]["1"]["train"]["n_prompt_too_long"] == 0  # nothing left to drop later
+    assert state["iterations"]["2"]["review"]["n_prompt_too_long"] == 0
     assert state["iterations"]["1"]["train"]["n_train_pairs"] == 62
 
 

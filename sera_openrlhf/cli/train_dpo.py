@@ -137,12 +137,15 @@ def train_once(args, daa_loss) -> None:
     from sera_openrlhf.openrlhf_adapter.train import setup_strategy, train_policy
     from sera_openrlhf.sources import DataSpec, load_offline
 
-    offline = load_offline(DataSpec.from_args(args))
+    from sera_openrlhf.driver import eval_rows
+
+    spec = DataSpec.from_args(args)
+    offline = load_offline(spec)
     strategy = setup_strategy(args)
     stats = train_policy(
         args, strategy, policy_path=args.model.model_name_or_path, ref_path=args.ref.model_name_or_path,
         rows=offline.rows, output_dir=args.ckpt.output_dir, daa_loss=daa_loss,
-        use_prompt_key=offline.use_prompt_key,
+        use_prompt_key=offline.use_prompt_key, eval_rows=eval_rows(args, spec),
         use_ref_cache=args.sera.ref_cache != "off", cache_dir=args.sera.cache_dir,
     )
     if strategy.is_rank_0():

@@ -7,6 +7,7 @@ phases themselves see typed configs and plain rows.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,8 @@ from sera_openrlhf.scoring import score_sequences
 
 
 class OpenRLHFBackend:
-    def __init__(self, args, strategy, *, use_prompt_key: bool, cache_dir: str, daa_loss: DAALoss):
+    def __init__(self, args, strategy, *, use_prompt_key: bool, cache_dir: str, daa_loss: DAALoss, eval_rows=None):
+        self.eval_rows = eval_rows  # --eval.dataset pairs, evaluated after every training phase
         self.args = args
         self.strategy = strategy
         self.use_prompt_key = use_prompt_key
@@ -40,14 +42,24 @@ class OpenRLHFBackend:
             dist.barrier()
 
     def train(self, name: str, rows, policy: str, reference: str, output_dir: str) -> dict:
-        """One DAA training run on `rows` from `policy` against `reference`; saves to `output_dir`."""
+        """One DAA training run on `rows` from `policy` against `reference`; saves to `output_dir`.
+
+        `name` (iter<t>, iter<t>_fold<k>) names the phase's logger run (<run_name>_<name>: one TensorBoard/wandb
+        run per training phase, each with its own step counter) and its DeepSpeed checkpoint directory
+        (<--ckpt.path>/<name>), so --ckpt.load_enable resumes only the phase that was interrupted."""
         args = copy.deepcopy(self.args)  # the trainer rewrites eval/save steps in place
         args.logger.wandb.run_name = f"{self.args.logger.wandb.run_name}_{name}"
-        return train_policy(
-            args, self.strategy, policy_path=policy, ref_path=reference, rows=rows, output_dir=output_dir,
-            daa_loss=self.loss, use_prompt_key=self.use_prompt_key, use_ref_cache=self.args.sera.ref_cache != "off",
-            cache_dir=self.cache_dir,
-        )
+        args.ckpt.path = os.path.join(self.args.ckpt.path, name)
+        stock_args, self.strategy.args = self.strategy.args, args  # DPOTrainer reads its logger from strategy.args
+        try:
+            return train_policy(
+                args, self.strategy, policy_path=policy, ref_path=reference, rows=rows, output_dir=output_dir,
+                daa_loss=self.loss, use_prompt_key=self.use_prompt_key,
+                use_ref_cache=self.args.sera.ref_cache != "off", cache_dir=self.cache_dir, eval_rows=self.eval_rows,
+                merge_lora=True,
+            )
+        finally:
+            self.strategy.args = stock_args
 
     def over_long(self, rows, prompts) -> tuple[set, set]:
         """Ids of the offline pairs and of the bootstrapping prompts whose formatted prompt does not fit

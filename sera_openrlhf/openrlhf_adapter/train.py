@@ -135,8 +135,12 @@ class CachedReference:
 
 
 def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, output_dir: str, daa_loss: DAALoss,
-                 use_prompt_key: bool, use_ref_cache: bool, cache_dir: str | None = None) -> dict:
-    """One DAA training run on `rows`; saves the HF model to `output_dir` and returns its statistics."""
+                 use_prompt_key: bool, use_ref_cache: bool, cache_dir: str | None = None, eval_rows=None,
+                 merge_lora: bool = False) -> dict:
+    """One DAA training run on `rows` (evaluated on `eval_rows` after the last step, if any); saves the HF model
+    to `output_dir` and returns its statistics. With LoRA, OpenRLHF saves the adapter only; `merge_lora` (the
+    SeRA loop) saves it to `<output_dir>/../adapter` instead and base + adapter merged to `output_dir`, so later
+    phases load a plain model."""
     model = load_actor(args, strategy, policy_path, train=True)
     tokenizer = load_tokenizer(args, strategy, policy_path, model)
     if args.model.gradient_checkpointing_enable:
@@ -144,6 +148,7 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
             gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
         )
     train_dataset = build_dataset(args, tokenizer, rows, use_prompt_key)
+    eval_dataset = build_dataset(args, tokenizer, eval_rows, use_prompt_key) if eval_rows else None
     if len(train_dataset) < args.train.batch_size:
         raise ConfigError(
             f"{len(train_dataset)} training pairs (after dropping {len(train_dataset.too_long_ids)} with prompts "
@@ -155,7 +160,8 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
     if daa_loss.needs_reference:
         if use_ref_cache:
             ref_logps = CachedReference(args, strategy, ref_path, cache_dir or os.path.join(output_dir, "cache"),
-                                        [train_dataset], tokenizer.pad_token_id)
+                                        [d for d in (train_dataset, eval_dataset) if d is not None],
+                                        tokenizer.pad_token_id)
         else:
             ref_model = load_actor(args, strategy, ref_path, train=False)
             if args.ref.offload:
@@ -165,6 +171,12 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
         train_dataset, args.train.micro_batch_size, True, True, train_dataset.collate_fn,
         num_workers=args.data.dataloader_num_workers,
     )
+    eval_dataloader = None
+    if eval_dataset is not None and len(eval_dataset):
+        eval_dataloader = strategy.setup_dataloader(
+            eval_dataset, args.train.micro_batch_size, True, False, eval_dataset.collate_fn, drop_last=False,
+            num_workers=args.data.dataloader_num_workers,
+        )
     num_update_steps_per_epoch = len(train_dataset) // args.train.batch_size
     max_steps = math.ceil(args.train.max_epochs * num_update_steps_per_epoch)
     cfg = dict(
@@ -188,15 +200,31 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
     trainer = SeraDPOTrainer(
         daa_loss=daa_loss, train_dataset=train_dataset, ref_logps=ref_logps,
         model=model, ref_model=ref_model, tokenizer=tokenizer, strategy=strategy, optim=optim,
-        train_dataloader=train_dataloader, eval_dataloader=None, scheduler=scheduler,
+        train_dataloader=train_dataloader, eval_dataloader=eval_dataloader, scheduler=scheduler,
         max_norm=args.max_norm, beta=args.model.beta, max_epochs=args.train.max_epochs,
         save_hf_ckpt=args.ckpt.save_hf, disable_ds_ckpt=args.ckpt.disable_ds,
     )
     trainer.fit(args, consumed_samples, num_update_steps_per_epoch)
-    strategy.save_model(model, tokenizer, output_dir)
+    final_eval = None
+    if eval_dataloader is not None:
+        trainer._wandb = trainer._tensorboard = None  # fit() closed them; this result goes to the SeRA stats
+        final_eval = trainer.evaluate(eval_dataloader, len(trainer.step_logs))
+    lora = None
+    if args.ds.lora.rank > 0 and merge_lora:
+        lora = os.path.join(os.path.dirname(os.path.abspath(output_dir)), "adapter")
+        strategy.save_model(model, tokenizer, lora)  # OpenRLHF saves LoRA runs as adapter-only
+        if strategy.is_rank_0():
+            merge_adapter(policy_path, lora, output_dir, args.sera.trust_remote_code)
+        if dist.is_initialized():
+            dist.barrier()
+    else:
+        strategy.save_model(model, tokenizer, output_dir)
     if strategy.is_rank_0():
         atomic_write_jsonl(os.path.join(output_dir, "train_log.jsonl"), trainer.step_logs)
     stats = {
+        "resumed_from_samples": consumed_samples,
+        "eval": final_eval,
+        "lora": {"adapter": lora, "merged_into": output_dir} if lora else None,
         "n_train_pairs": len(train_dataset),
         "n_prompt_too_long": len(train_dataset.too_long_ids),
         "steps": len(trainer.step_logs),
@@ -208,6 +236,18 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
     del trainer, model, optim, scheduler, ref_model, ref_logps
     gc.collect()
     return stats
+
+
+def merge_adapter(base_path: str, adapter_dir: str, output_dir: str, trust_remote_code: bool) -> None:
+    """base + LoRA adapter → one plain HF checkpoint, so scoring, generation and the next iteration load a full
+    model (the reference stays the base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(output_dir)
 
 
 def dump_args(args) -> dict:

@@ -161,7 +161,7 @@ class SeraDPOTrainer(DPOTrainer):
 
     def evaluate(self, eval_dataloader, steps=0):
         self.model.eval()
-        acc_sum = loss_sum = 0.0
+        acc_sum = loss_sum = margin_sum = 0.0
         n = 0
         with torch.no_grad():
             for data in tqdm(eval_dataloader, desc=f"Eval stage of global_step {steps}",
@@ -169,9 +169,11 @@ class SeraDPOTrainer(DPOTrainer):
                 _, preference_loss, out, _ = self.batch_loss(data, eval_dataloader.dataset)
                 b = out.chosen_rewards.numel()
                 acc_sum += (out.chosen_rewards > out.rejected_rewards).sum().item()
+                margin_sum += (out.chosen_rewards - out.rejected_rewards).sum().item()
                 loss_sum += preference_loss.item() * b
                 n += b
-        logs = self.strategy.all_reduce({"eval_loss": loss_sum / max(n, 1), "acc_mean": acc_sum / max(n, 1)})
+        logs = self.strategy.all_reduce({"eval_loss": loss_sum / max(n, 1), "acc_mean": acc_sum / max(n, 1),
+                                         "margin": margin_sum / max(n, 1)})
         if self.strategy.is_rank_0():
             if self._wandb is not None:
                 self._wandb.log({**{f"eval/{k}": v for k, v in logs.items()}, "eval/global_step": steps})

@@ -108,6 +108,8 @@ class IterationSummary:
     final_acc: float | None
     crossfit: list[CrossfitFold] | None
     policy: str | None
+    eval: dict | None  # --eval.dataset after the iteration's training: eval_loss, acc_mean, margin
+    lora: dict | None  # the LoRA adapter and the merged checkpoint later phases load
 
 
 @dataclass(slots=True)
@@ -446,7 +448,7 @@ def _training_fields(it: _Iteration) -> dict:
             "loss_first": _first(num(dig(tr, "loss_first")), num(log[0].get("loss")) if log else None),
             "final_loss": _first(num(dig(tr, "loss_last")), num(last.get("loss"))),
             "final_acc": _first(num(dig(tr, "acc_last")), num(last.get("acc"))),
-            "crossfit": _crossfit(it.stats)}
+            "crossfit": _crossfit(it.stats), "eval": dig(tr, "eval"), "lora": dig(tr, "lora")}
 
 
 def _crossfit(stats: dict) -> list[CrossfitFold] | None:

@@ -126,7 +126,7 @@ def _iterations(s: RunSummary) -> list[str]:
                  "generated (bootstrapped) pairs. *Offline kept* counts the pairs self-review kept; *generated* the "
                  "bootstrapped pairs that entered training (of *bootstrapped pairs* made); *guard drops* the "
                  "samples the fluency guard removed; *len* columns are mean token lengths, chosen / rejected.\n")
-    return lines + _review_signal(s.iterations) + _crossfit(s.iterations)
+    return lines + _review_signal(s.iterations) + _crossfit(s.iterations) + _eval(s.iterations)
 
 
 def _iteration_cells(it: IterationSummary) -> list:
@@ -157,9 +157,25 @@ def _crossfit(iterations: list[IterationSummary]) -> list[str]:
     folds = [f for it in iterations for f in (it.crossfit or [])]
     if not folds:
         return []
-    return ["Cross-fitted review policies (iteration 1): " + "; ".join(
+    return ["Cross-fitted review twins (each scores its fold at the next review): " + "; ".join(
         f"fold {f.fold}: {_fmt(f.n_train_pairs, 'int')} pairs, final loss {_fmt(f.loss_last)}, "
         f"acc {_fmt(f.acc_last)}" for f in folds) + ".\n"]
+
+
+def _eval(iterations: list[IterationSummary]) -> list[str]:
+    lines = []
+    evals = [(it.iteration, it.eval) for it in iterations if isinstance(it.eval, dict)]
+    if evals:
+        lines.append("Evaluation on `--eval.dataset` after each iteration's training: " + "; ".join(
+            f"iteration {t}: loss {_fmt(num(e.get('eval_loss')))}, reward accuracy "
+            f"{_fmt(num(e.get('acc_mean')), 'pct')}, mean margin {_fmt(num(e.get('margin')))}" for t, e in evals)
+            + ".\n")
+    lora = [(it.iteration, it.lora) for it in iterations if isinstance(it.lora, dict)]
+    if lora:
+        lines.append("LoRA: each iteration saved its adapter and merged it into its base; scoring, generation and "
+                     "the next iteration load the merged checkpoint, the reference stays the base model ("
+                     + "; ".join(f"iteration {t}: adapter `{x.get('adapter')}`" for t, x in lora) + ").\n")
+    return lines
 
 
 def _config(s: RunSummary) -> list[str]:

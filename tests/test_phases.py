@@ -1,0 +1,96 @@
+"""Phase units without OpenRLHF: a RunContext with a stand-in backend, run-dir files written by hand."""
+
+from __future__ import annotations
+
+import pytest
+from tiny import write_jsonl
+
+from sera_openrlhf.config import SeraConfig, defaults
+from sera_openrlhf.fileio import read_jsonl
+from sera_openrlhf.losses import build_loss
+from sera_openrlhf.phases import RunContext, pair, train
+from sera_openrlhf.rundir import RunDir
+from sera_openrlhf.state import RunState
+
+
+class Backend:
+    is_writer = True
+
+    def __init__(self):
+        self.messages, self.trained = [], []
+
+    def print(self, msg):
+        self.messages.append(msg)
+
+    def train(self, name, rows, policy, reference, output_dir):
+        self.trained.append((name, rows, policy, reference, output_dir))
+        return {"n_train_pairs": len(rows)}
+
+
+def context(tmp_path, loss="dpo", **flags) -> RunContext:
+    cfg = SeraConfig.from_namespace({**defaults(), "enable": True, **flags})
+    layout = RunDir(str(tmp_path), "/init/policy", "/init/ref", False, cfg.loop.reference, None)
+    state = RunState(layout.state, {}, force=False, writer=True)
+    state.mark("iter1/fluency_floor", {"floor": -3.0}, 1, seconds=0.0)
+    daa = build_loss(loss, beta=2.0 if loss == "simpo" else 0.1)
+    return RunContext(cfg, layout, state, Backend(), daa, None, [], True, [], seed=0)
+
+
+def sample(prompt_id, s, text, n_tokens, pi, init, truncated=False):
+    return {"prompt_id": prompt_id, "prompt": "p", "sample_index": s, "text": text, "truncated": truncated,
+            "n_tokens": n_tokens, "logp": {"pi1": pi, "ref1": init, "init": init}}
+
+
+def test_simpo_reward_is_divided_by_length_once(tmp_path):
+    """SimPO's r = β/|y|·log π (Meng et al. Eq. 4) is per token already; --sera.length_normalized_reward must not
+    divide it again. Hand numbers, β = 2: a: 2·(−4)/2 = −4; b: 2·(−9)/3 = −6; c: 2·(−20)/10 = −4.
+    Once-normalised, a and c tie at the top and b is the worst; divided twice (−2, −2, −0.4) c would win and
+    a/b would tie at the bottom."""
+    ctx = context(tmp_path, loss="simpo", num_samples=3, length_normalized_reward=True)
+    rows = [sample("q", 0, "a", 2, -4.0, -2.0), sample("q", 1, "b", 3, -9.0, -3.0),
+            sample("q", 2, "c", 10, -20.0, -10.0)]
+    write_jsonl(ctx.layout.samples(2), rows)
+    stats = pair.run(ctx, 2)
+    (boot,) = read_jsonl(ctx.layout.bootstrapped(2))
+    assert boot["chosen"] in ("a", "c") and boot["rejected"] == "b"
+    assert boot["margin"] == pytest.approx(2.0) and stats["guard"]["floor"] == -3.0
+
+
+def test_no_bootstrapped_pair_warns_with_the_cause_and_training_uses_offline_pairs(tmp_path):
+    ctx = context(tmp_path, num_samples=2)
+    ctx.rows = [{"id": "o1", "prompt": "p", "chosen": "x", "rejected": "y"}]
+    write_jsonl(ctx.layout.samples(2), [sample("q", 0, "a", 4, -4.0, -4.0, truncated=True),
+                                        sample("q", 1, "b", 4, -4.0, -4.0, truncated=True)])
+    stats = pair.run(ctx, 2)
+    assert stats["n_pairs"] == 0 and "--sera.max_new_tokens" in stats["no_pair_cause"]
+    assert any("no pair" in m and "--sera.keep_truncated" in m for m in ctx.backend.messages)
+    write_jsonl(ctx.layout.review(2), [{"id": "o1", "weight": 1.0}])
+    stats = train.run(ctx, 2)
+    assert stats["n_offline"] == 1 and stats["n_generated"] == 0
+    write_jsonl(ctx.layout.review(2), [{"id": "o1", "weight": 0.0}])
+    with pytest.raises(Exception, match="nothing to train on"):
+        train.run(ctx, 2)
+
+
+def test_generated_share_does_not_depend_on_the_number_of_iterations(tmp_path):
+    three, five = (context(tmp_path, iterations=n).cfg.loop for n in (3, 5))
+    assert [train.generated_share(three, t) for t in (1, 2, 3)] == [0.0, 0.25, 0.5]
+    assert [train.generated_share(five, t) for t in (1, 2, 3, 4, 5)] == [0.0, 0.25, 0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("pick", ["random", "margin"])
+def test_generated_pick(tmp_path, pick):
+    ctx = context(tmp_path, generated_pick=pick, iterations=3)
+    ctx.rows = [{"id": f"o{i}", "prompt": "p", "chosen": "x", "rejected": "y"} for i in range(4)]
+    write_jsonl(ctx.layout.review(3), [{"id": r["id"], "weight": 1.0} for r in ctx.rows])
+    boot = [{"id": f"boot3-q{i}", "prompt": "p", "chosen": "c", "rejected": "r", "margin": 10.0 - i} for i in range(8)]
+    write_jsonl(ctx.layout.bootstrapped(3), boot)
+    stats = train.run(ctx, 3)  # share 0.5 of the mix → as many generated as offline: 4 of 8
+    picked = [r["id"] for r in read_jsonl(ctx.layout.train_set(3)) if r["id"].startswith("boot")]
+    assert stats["generated_pick"] == pick and len(picked) == 4
+    if pick == "margin":
+        assert picked == [f"boot3-q{i}" for i in range(4)]
+    else:  # seeded: the same subset when run again, and not simply the top of the margin list
+        assert picked != [f"boot3-q{i}" for i in range(4)]
+        train.run(ctx, 3)
+        assert picked == [r["id"] for r in read_jsonl(ctx.layout.train_set(3)) if r["id"].startswith("boot")]
