@@ -2,10 +2,13 @@
 
 Input rows follow OpenRLHF's `--data.prompt_key / --data.chosen_key / --data.rejected_key` (prompt "" when no
 prompt key is set), as strings or as chat-message lists (`--data.apply_chat_template`). Anthropic HH-RLHF
-dialogues (`"\\n\\nHuman: ... \\n\\nAssistant: ..."`) are split into the shared prompt and the final assistant turns.
+dialogues (`"\\n\\nHuman: ... \\n\\nAssistant: ..."`) are split into the shared prompt and the final assistant turns;
+with `split_chat`, so are whole chat conversations (the prompt is the conversation before the last assistant
+message, which is what OpenRLHF's DPO dataset uses as the prompt of such rows).
 
 Every malformed row is a `DataError` naming the file, the 1-based line (or row) and the key, raised while
-loading, so nothing downstream is written from bad input.
+loading, so nothing downstream is written from bad input. `load_pairs` reads local files; `parse_pairs` validates
+rows from anywhere (sera_openrlhf.sources feeds it Hub datasets read by OpenRLHF's own loader).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ Text = Union[str, list]  # a string, or a list of {"role", "content"} chat messa
 
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
-DATA_FORMATS = ("auto", "hh", "openrlhf")
+DATA_FORMATS = ("auto", "hh", "chat", "openrlhf")
 # Data-quality problems found in real datasets (HH-RLHF has both); `skip_invalid` skips these rows. Anything
 # else (bad JSON, missing keys, wrong types) means wrong flags or a broken file and always fails.
-SKIPPABLE = ("empty_response", "hh_prefix_mismatch")
+SKIPPABLE = ("empty_response", "hh_prefix_mismatch", "chat_prefix_mismatch")
+# Files (and save_to_disk directories) read here, with errors located by line; anything else (Hub names, csv,
+# arrow, data directories, `name@data_dir`) is read by OpenRLHF's `blending_datasets` (sera_openrlhf.sources).
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
 @dataclass
@@ -45,13 +51,17 @@ class PairRecord:
 
 @dataclass
 class LoadResult:
-    """`skipped` counts rows left out by reason; `skipped_examples` lists their sources ("file:line")."""
+    """`skipped` counts rows left out by reason; `skipped_examples` lists their sources ("file:line").
+    `ordinals[i]` is the 0-based position of `records[i]` among the `n_rows` rows read (skipped ones included), the
+    row index OpenRLHF's loader would give it."""
 
     path: str
     records: list[PairRecord]
-    data_format: str  # resolved: "hh" or "openrlhf"
+    data_format: str  # resolved: "hh", "chat" or "openrlhf"
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_examples: list[str] = field(default_factory=list)
+    ordinals: list[int] = field(default_factory=list)
+    n_rows: int = 0
 
 
 class _RowError(Exception):
@@ -95,6 +105,38 @@ def _is_hh(chosen: Any, rejected: Any) -> bool:
     return all(isinstance(v, str) and v.startswith(HH_HUMAN) for v in (chosen, rejected))
 
 
+def _is_chat(chosen: Any, rejected: Any) -> bool:
+    """Whole conversations: message lists of at least two messages ending with an assistant message."""
+    return all(isinstance(v, list) and len(v) >= 2 and isinstance(v[-1], dict) and v[-1].get("role") == "assistant"
+               for v in (chosen, rejected))
+
+
+def _split_chat(chosen: list, rejected: list) -> tuple[list, list, list]:
+    """(conversation before the last assistant message, [chosen's last], [rejected's last]); the rejected
+    conversation must share the prefix (OpenRLHF slices both responses after the chosen one's prefix)."""
+    if not _is_chat(chosen, rejected):
+        raise _RowError("not_chat_dialogue", "chat rows without a prompt key must be conversations of at least two "
+                                             "messages ending with an assistant message")
+    if chosen[:-1] != rejected[:-1]:
+        raise _RowError("chat_prefix_mismatch",
+                        "the chosen and rejected conversations differ before their last assistant message")
+    return chosen[:-1], chosen[-1:], rejected[-1:]
+
+
+def derive_prompt(row: dict, chosen_key: str = "chosen", rejected_key: str = "rejected") -> Text | None:
+    """The prompt of a pair row without a prompt column: the shared HH dialogue or chat conversation before the
+    last assistant turn; None when the row is neither."""
+    chosen, rejected = row.get(chosen_key), row.get(rejected_key)
+    try:
+        if _is_hh(chosen, rejected):
+            return _split_hh(chosen, rejected)[0]
+        if _is_chat(chosen, rejected):
+            return _split_chat(chosen, rejected)[0]
+    except _RowError:
+        return None
+    return None
+
+
 def pair_id(prompt: Text, chosen: Text, rejected: Text) -> str:
     """Content hash used as the id of rows without an "id" column (16 hex chars of sha1)."""
     blob = json.dumps([prompt, chosen, rejected], ensure_ascii=False, sort_keys=True)
@@ -113,6 +155,7 @@ def load_pairs(
     max_samples: int | None = None,
     split: str = "train",
     skip_invalid: bool = False,
+    split_chat: bool = False,
 ) -> LoadResult:
     """Load and validate preference pairs.
 
@@ -121,34 +164,78 @@ def load_pairs(
     `max_samples` keeps the first rows, like OpenRLHF's `--data.max_samples`.
 
     data_format: "openrlhf" (prompt = row[prompt_key], or "" when prompt_key is None), "hh" (split HH-RLHF
-    dialogues), or "auto" (= "hh" when prompt_key is None and the first row's chosen and rejected both start with
-    "\\n\\nHuman:", else "openrlhf").
+    dialogues), "chat" (split chat conversations at their last assistant message), or "auto" (= "hh" when
+    prompt_key is None and the first row's chosen and rejected both start with "\\n\\nHuman:"; = "chat" when
+    `split_chat`, prompt_key is None and they are both conversations ending with an assistant message; else
+    "openrlhf").
 
     Pairs whose chosen equals rejected are skipped and counted under "identical_responses". With
-    `skip_invalid`, rows with an empty response or diverging HH dialogues are skipped too (counted by reason)
-    instead of raising.
+    `skip_invalid`, rows with an empty response or diverging HH dialogues / conversations are skipped too
+    (counted by reason) instead of raising.
     """
+    _check_options(prompt_key, data_format, max_samples)
+    unit, rows = open_rows(path, split)
+    return parse_pairs(path, unit, rows, prompt_key=prompt_key, chosen_key=chosen_key, rejected_key=rejected_key,
+                       data_format=data_format, max_samples=max_samples, skip_invalid=skip_invalid,
+                       split_chat=split_chat)
+
+
+def reads_locally(path: str) -> bool:
+    """Whether `load_pairs` reads `path` itself (with located errors): a file with one of LOCAL_SUFFIXES (or
+    missing and looking like a path, so the error is "no such file"), or a `save_to_disk` directory."""
+    if os.path.isdir(path):
+        return any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    if path.lower().endswith(LOCAL_SUFFIXES):
+        return True
+    return not os.path.exists(path) and "@" not in path and (path.startswith(("/", ".", "~")) or path.count("/") > 1)
+
+
+def _check_options(prompt_key: str | None, data_format: str, max_samples: int | None) -> None:
     if data_format not in DATA_FORMATS:
         raise ConfigError(f"--data.format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
-    if data_format == "hh" and prompt_key:
-        raise ConfigError("HH dialogues carry their own prompt: unset --data.prompt_key or use another format")
+    if data_format in ("hh", "chat") and prompt_key:
+        what = "HH dialogues" if data_format == "hh" else "Chat conversations"
+        raise ConfigError(f"{what} carry their own prompt: unset --data.prompt_key or use another format")
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"--data.max_samples must be >= 1, got {max_samples}")
+
+
+def parse_pairs(
+    name: str,
+    unit: str,
+    rows: Iterable[tuple[int, Any]],
+    *,
+    prompt_key: str | None = None,
+    chosen_key: str = "chosen",
+    rejected_key: str = "rejected",
+    data_format: str = "auto",
+    max_samples: int | None = None,
+    skip_invalid: bool = False,
+    split_chat: bool = False,
+) -> LoadResult:
+    """Validate `rows` ((number, row) pairs; errors say "<name> <unit> <number>") into a LoadResult, with the
+    same rules as `load_pairs`."""
+    _check_options(prompt_key, data_format, max_samples)
     keys = {"prompt": prompt_key, "chosen": chosen_key, "rejected": rejected_key}
 
-    result = LoadResult(path=path, records=[], data_format=data_format)
+    result = LoadResult(path=name, records=[], data_format=data_format)
     id_lines: dict[str, str] = {}  # id -> where it was first seen
     hash_counts: dict[str, int] = {}
-    unit, rows = _open_rows(path, split)
-    for n, row in itertools.islice(rows, max_samples):
-        where, source = f"{path} {unit} {n}", f"{path}:{n}"
+    for ordinal, (n, row) in enumerate(itertools.islice(rows, max_samples)):
+        result.n_rows = ordinal + 1
+        where, source = f"{name} {unit} {n}", f"{name}:{n}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {_kind(row)}")
         if result.data_format == "auto":
-            hh = prompt_key is None and _is_hh(row.get(chosen_key), row.get(rejected_key))
-            result.data_format = "hh" if hh else "openrlhf"
+            chosen, rejected = row.get(chosen_key), row.get(rejected_key)
+            if prompt_key is None and _is_hh(chosen, rejected):
+                result.data_format = "hh"
+            elif prompt_key is None and split_chat and _is_chat(chosen, rejected):
+                result.data_format = "chat"
+            else:
+                result.data_format = "openrlhf"
         try:
-            prompt, chosen, rejected = _parse_row(row, keys, result.data_format == "hh")
+            prompt, chosen, rejected = _parse_row(row, keys, result.data_format)
         except _RowError as e:
             if skip_invalid and e.reason in SKIPPABLE:
                 _skip(result, e.reason, source)
@@ -171,10 +258,11 @@ def load_pairs(
 
         extra = {k: v for k, v in row.items() if k not in ("id", prompt_key, chosen_key, rejected_key)}
         result.records.append(PairRecord(rid, prompt, chosen, rejected, extra, source))
+        result.ordinals.append(ordinal)
 
     if not result.records:
         skipped = ", ".join(f"{k}={v}" for k, v in result.skipped.items())
-        raise DataError(f"{path}: no preference pairs found" + (f" (skipped: {skipped})" if skipped else ""))
+        raise DataError(f"{name}: no preference pairs found" + (f" (skipped: {skipped})" if skipped else ""))
     return result
 
 
@@ -183,7 +271,7 @@ def _skip(result: LoadResult, reason: str, source: str) -> None:
     result.skipped_examples.append(source)
 
 
-def _parse_row(row: dict, keys: dict[str, str | None], hh: bool) -> tuple[Text, Text, Text]:
+def _parse_row(row: dict, keys: dict[str, str | None], data_format: str) -> tuple[Text, Text, Text]:
     """Validate one row; returns (prompt, chosen, rejected). Raises _RowError."""
     values = {}
     for role, key in keys.items():
@@ -196,7 +284,9 @@ def _parse_row(row: dict, keys: dict[str, str | None], hh: bool) -> tuple[Text, 
 
     chosen, rejected = values["chosen"], values["rejected"]
     prompt = values.get("prompt", "")
-    if hh:
+    if data_format == "chat":
+        prompt, chosen, rejected = _split_chat(chosen, rejected)
+    elif data_format == "hh":
         if not _is_hh(chosen, rejected):
             raise _RowError(
                 "not_hh_dialogue",
@@ -242,7 +332,7 @@ def _short(v: Any, limit: int = 80) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def _open_rows(path: str, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
+def open_rows(path: str, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
     """Returns (unit, rows): unit is "line" for text files, "row" for tabular ones; rows yields (number, row)."""
     if os.path.isdir(path):
         return "row", _read_hf_dir(path, split)
@@ -327,7 +417,8 @@ def _read_hf_dir(path: str, split: str) -> Iterator[tuple[int, Any]]:
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{path}: no split {split!r} (have: {', '.join(ds)}); set --data.split")
+            raise DataError(f"{path}: no split {split!r} (have: {', '.join(ds)}); set --data.dataset_split "
+                            "(--eval.split for --eval.dataset)")
         ds = ds[split]
     yield from enumerate(ds, 1)
 

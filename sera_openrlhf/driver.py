@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 
 from sera_openrlhf import events
 from sera_openrlhf.config import SeraConfig
@@ -95,7 +94,7 @@ def eval_rows(args, spec: DataSpec):
     """--eval.dataset (split --eval.split), read like the training data; None without it."""
     if not args.eval.dataset:
         return None
-    return load_offline(replace(spec, dataset=args.eval.dataset, split=args.eval.split, prompts=None)).rows
+    return load_offline(spec.for_eval(args.eval.dataset, args.eval.split)).rows
 
 
 def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:

@@ -396,6 +396,8 @@ def model_fingerprint(model_or_path: Any, extra: Optional[dict] = None, full: bo
 
     - a directory (HF checkpoint): config.json's content + each weight file's name, size, first and last 1 MiB
       and 16 evenly spaced 64 KiB blocks (`full=True`: whole files). Fast on multi-GB checkpoints.
+    - a Hub id (`org/name`, `gpt2`): resolved as transformers resolves it (sources.resolve_model), then hashed as
+      the directory of its snapshot in the Hugging Face cache (fetched first when online and not cached).
     - a file: the same sampled hash of that file.
     - an nn.Module: every state_dict tensor's name, shape, dtype and bytes (use when no path exists; under
       ZeRO-3 gather the parameters first).
@@ -411,6 +413,14 @@ def model_fingerprint(model_or_path: Any, extra: Optional[dict] = None, full: bo
             h.update(t.view(torch.uint8).numpy())
     elif isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
+        if not os.path.exists(path):
+            from sera_openrlhf.sources import resolve_model
+
+            try:
+                path = resolve_model(path, "model path", download=True)
+            except ConfigError:
+                raise ConfigError(f"model path {path!r} does not exist, nor is it a Hub id in the Hugging Face "
+                                  "cache; pass a local checkpoint directory, a cached Hub id or a module") from None
         if os.path.isdir(path):
             h.update(b"sera-fp-dir-v1\0")
             names = sorted(os.listdir(path))

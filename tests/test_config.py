@@ -118,3 +118,19 @@ def test_cli_rejects_a_later_iteration_value_within_seconds(tmp_path):
                     "--sera.enable", "--sera.fluency_quantile", "10"], check=False)
     assert proc.returncode == 2 and "--sera.fluency_quantile must be in (0, 1)" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and time.time() - start < 60
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--model.ipo_enable", "--sera.loss", "simpo"], "--model.ipo_enable selects the IPO loss"),
+    (["--model.label_smoothing", "0.1", "--sera.loss", "slic"], "--model.label_smoothing (cDPO) applies to the dpo"),
+    (["--model.label_smoothing", "0.1", "--model.ipo_enable"], "--model.label_smoothing (cDPO) applies to the dpo"),
+])
+def test_stock_loss_flags_that_a_sera_loss_would_ignore_are_refused(flags, needle):
+    from sera_openrlhf.cli.train_dpo import build_daa_loss, parse_args, sera_config
+
+    args = parse_args(["--model.model_name_or_path", "m", "--data.dataset", "d", *flags])
+    with pytest.raises(ConfigError) as e:
+        build_daa_loss(args, sera_config(args))
+    assert needle in str(e.value)
+    ok = parse_args(["--model.model_name_or_path", "m", "--data.dataset", "d", "--model.ipo_enable"])
+    assert type(build_daa_loss(ok, sera_config(ok))).__name__ == "IPOLoss"

@@ -70,25 +70,25 @@ def run_from_openrlhf(args, argv) -> None:
 
 
 def check_model_dir(path, flag: str, trust_remote_code: bool) -> None:
-    """A missing model is a one-line error, and custom modelling code needs an explicit opt-in."""
+    """A missing model is a one-line error, and custom modelling code needs an explicit opt-in. `path` is resolved
+    as transformers resolves it (sources.resolve_model): a local directory, or a Hub id (`org/name`, `gpt2`) in the
+    Hugging Face cache; an id not in the cache is an error offline, and online it is left to transformers."""
+    from sera_openrlhf.sources import resolve_model
+
     if not path:
         raise ConfigError(f"{flag} is required")
-    if os.path.isdir(path):
-        config = os.path.join(path, "config.json")
-        if os.path.exists(config):
-            with open(config, encoding="utf-8") as f:
-                auto_map = json.load(f).get("auto_map")
-            if auto_map and not trust_remote_code:
-                raise ConfigError(
-                    f"{flag} {path} ships custom model code (auto_map in config.json: {sorted(auto_map)}); "
-                    "OpenRLHF would run it with trust_remote_code=True. Pass --sera.trust_remote_code if you "
-                    "trust it."
-                )
-        return
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
-    if offline or looks_local:
-        raise ConfigError(f"{flag} {path}: no such model directory")
+    local = resolve_model(path, flag)
+    config = os.path.join(local, "config.json") if local else None
+    if config and os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            auto_map = json.load(f).get("auto_map")
+        if auto_map and not trust_remote_code:
+            shown = path if local == path else f"{path} ({local})"
+            raise ConfigError(
+                f"{flag} {shown} ships custom model code (auto_map in config.json: {sorted(auto_map)}); "
+                "OpenRLHF would run it with trust_remote_code=True. Pass --sera.trust_remote_code if you "
+                "trust it."
+            )
 
 
 def run(args) -> None:
@@ -124,8 +124,12 @@ def build_daa_loss(args, cfg):
     from sera_openrlhf.selection import SELECTORS
 
     name = cfg.loss.loss
-    if args.model.ipo_enable and name == "dpo":  # the stock flag keeps its meaning
+    if args.model.ipo_enable and name not in ("dpo", "ipo"):
+        raise ConfigError(f"--model.ipo_enable selects the IPO loss; it cannot be combined with --sera.loss {name}")
+    if args.model.ipo_enable:  # the stock flag keeps its meaning
         name = "ipo"
+    if args.model.label_smoothing and name in ("ipo", "slic", "simpo", "rdpo"):
+        raise ConfigError(f"--model.label_smoothing (cDPO) applies to the dpo loss only, not to --sera.loss {name}")
     daa_loss = build_loss(name, beta=args.model.beta, label_smoothing=args.model.label_smoothing,
                           gamma=cfg.loss.simpo_gamma, alpha=cfg.loss.rdpo_alpha, delta=cfg.loss.slic_delta)
     if cfg.loop.enable and not callable(SELECTORS.get(cfg.review.selector, flag="--sera.selector")):

@@ -34,7 +34,8 @@ def format_prompt(args, tokenizer, prompt) -> str:
 def load_hf_tokenizer(args, path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.sera.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.sera.trust_remote_code,
+                                              use_fast=not args.data.disable_fast_tokenizer)
     if tokenizer.pad_token is None:  # as OpenRLHF's get_tokenizer does
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

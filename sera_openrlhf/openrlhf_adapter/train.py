@@ -102,8 +102,12 @@ class ScoringModel:
 
 
 def reference_fingerprint(args, path: str) -> str:
-    # log-probs depend on weights, dtype and attention kernel
-    return model_fingerprint(path, extra={"dtype": args.ds.param_dtype, "attn": args.ds.attn_implementation})
+    """The reference's cache key: log-probs depend on weights, dtype and attention kernel. A Hub id is resolved
+    first, as transformers resolves it, and its cached snapshot is hashed like any checkpoint directory."""
+    from sera_openrlhf.sources import resolve_model
+
+    snapshot = resolve_model(path, "--ref.model_name_or_path", download=True)
+    return model_fingerprint(snapshot, extra={"dtype": args.ds.param_dtype, "attn": args.ds.attn_implementation})
 
 
 class CachedReference:

@@ -26,7 +26,7 @@ def run(ctx: RunContext, t: int) -> dict:
     models["init"] = ctx.layout.initial_reference
     by_path = {}  # a directory scored once even when it plays several roles (π_1 is π_2's reference, ...)
     for tag, path in models.items():
-        by_path.setdefault(os.path.abspath(path), []).append(tag)
+        by_path.setdefault(os.path.abspath(path) if os.path.exists(path) else path, []).append(tag)  # Hub ids stay
     logps, n_tokens = ctx.backend.sequence_logps(by_path, rows)
     for n, r in enumerate(rows):
         r["logp"] = {tag: logps[tag][n] for tag in sorted(logps)}
