@@ -23,7 +23,7 @@ class PhaseMetrics:
     def __init__(self, settings: LoggerSettings, writer: bool):
         self.settings = settings
         self.enabled = writer and bool(settings.wandb_key or settings.tensorboard_dir)
-        self._wandb_run = None
+        self._wandb_id = None
 
     def log(self, t: int, phase: str, stats) -> None:
         if not self.enabled or not isinstance(stats, dict):
@@ -34,10 +34,15 @@ class PhaseMetrics:
         if s.wandb_key:
             import wandb
 
-            if self._wandb_run is None:
-                self._wandb_run = wandb.init(entity=s.wandb_org, project=s.wandb_project, group=s.wandb_group,
-                                             name=f"{s.run_name}_sera", reinit=True)
-            self._wandb_run.log({**flat, "sera/iteration": t})
+            # Each training phase's trainer calls wandb.init(reinit=True), which finishes any open run, so the
+            # SeRA run is resumed by id for each phase's statistics and finished again right after.
+            if not wandb.api.api_key:
+                wandb.login(key=s.wandb_key)
+            run = wandb.init(entity=s.wandb_org, project=s.wandb_project, group=s.wandb_group,
+                             name=f"{s.run_name}_sera", id=self._wandb_id, resume="allow", reinit=True)
+            self._wandb_id = run.id
+            run.log({**flat, "sera/iteration": t})
+            run.finish()
         else:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -94,3 +94,35 @@ def test_generated_pick(tmp_path, pick):
         assert picked != [f"boot3-q{i}" for i in range(4)]
         train.run(ctx, 3)
         assert picked == [r["id"] for r in read_jsonl(ctx.layout.train_set(3)) if r["id"].startswith("boot")]
+
+
+def test_wandb_statistics_resume_one_run_across_the_trainers_own_runs(monkeypatch):
+    """The trainer's wandb.init(reinit=True) finishes any open run; each phase's SeRA statistics must still reach
+    the single `<run_name>_sera` run (resumed by id) and log in first."""
+    import sys
+    import types
+
+    from sera_openrlhf.metrics import LoggerSettings, PhaseMetrics
+
+    calls = []
+
+    class Run:
+        def __init__(self, kw):
+            self.id = kw["id"] or "sera-run-1"
+            calls.append(("init", kw["name"], kw["id"], kw["resume"]))
+
+        def log(self, data):
+            calls.append(("log", self.id, data["sera/iteration"]))
+
+        def finish(self):
+            calls.append(("finish", self.id))
+
+    fake = types.SimpleNamespace(api=types.SimpleNamespace(api_key=None), login=lambda key: calls.append(("login", key)),
+                                 init=lambda **kw: Run(kw))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    metrics = PhaseMetrics(LoggerSettings(wandb_key="k", run_name="exp"), writer=True)
+    metrics.log(2, "review", {"kept_share": 0.7})
+    metrics.log(3, "review", {"kept_share": 0.7})
+    assert calls == [("login", "k"), ("init", "exp_sera", None, "allow"), ("log", "sera-run-1", 2),
+                     ("finish", "sera-run-1"), ("login", "k"), ("init", "exp_sera", "sera-run-1", "allow"),
+                     ("log", "sera-run-1", 3), ("finish", "sera-run-1")]
