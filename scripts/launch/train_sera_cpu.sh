@@ -1,31 +1,49 @@
 set -x
 # SeRA on CPU (no GPU needed), with explicit flags: what `bash scripts/demo.sh` runs, minus the set-up step.
 # Model: the embedded SmolLM2-135M-Instruct (built by scripts/setup.sh); data: the packaged HH-RLHF subset.
+#
+# Environment variables (the defaults are this script's real run; tests/test_launch_scripts.py substitutes a tiny
+# model, tiny data and tiny sizes through them):
+#   MODEL             --model.model_name_or_path   (.cache/sera/models/SmolLM2-135M-Instruct in the repo)
+#   DATA              --data.dataset               (the packaged HH-RLHF harmless-base pairs.jsonl)
+#   PROMPTS           --sera.prompts               (the packaged prompts.jsonl; empty: the pairs' own prompts)
+#   OUTPUT_DIR        --ckpt.output_dir, the run directory (runs/cpu-sera in the repo)
+#   ITERATIONS        --sera.iterations 3          NUM_PROMPTS      --sera.num_prompts 12
+#   NUM_SAMPLES       --sera.num_samples 4         MAX_NEW_TOKENS   --sera.max_new_tokens 40
+#   MAX_SAMPLES       --data.max_samples 64        MAX_LEN          --data.max_len 192
+#   BATCH_SIZE        --train.batch_size 8         MICRO_BATCH_SIZE --train.micro_batch_size 2
+#   PYTHON            the interpreter (the repo's .venv/bin/python, built by scripts/setup.sh)
+#   OMP_NUM_THREADS   torch threads (default: every core; on a busy machine set 1)
 
-MODEL=${MODEL:-.cache/sera/models/SmolLM2-135M-Instruct}
-DATA=${DATA:-sera_openrlhf/resources/hh_rlhf_harmless_base}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+RES=$REPO/sera_openrlhf/resources/hh_rlhf_harmless_base
+MODEL=${MODEL:-$REPO/.cache/sera/models/SmolLM2-135M-Instruct}
+DATA=${DATA:-$RES/pairs.jsonl}
+PROMPTS=${PROMPTS-$RES/prompts.jsonl}
+OUTPUT_DIR=${OUTPUT_DIR:-$REPO/runs/cpu-sera}
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 
 read -r -d '' training_commands <<EOF
 sera_openrlhf.cli.train_dpo \
    --model.model_name_or_path $MODEL \
-   --data.dataset $DATA/pairs.jsonl \
+   --data.dataset $DATA \
    --data.prompt_key prompt \
-   --data.max_samples 64 \
-   --data.max_len 192 \
-   --train.batch_size 8 \
-   --train.micro_batch_size 2 \
+   --data.max_samples ${MAX_SAMPLES:-64} \
+   --data.max_len ${MAX_LEN:-192} \
+   --train.batch_size ${BATCH_SIZE:-8} \
+   --train.micro_batch_size ${MICRO_BATCH_SIZE:-2} \
    --train.max_epochs 1 \
    --ds.zero_stage 2 \
    --ds.param_dtype fp32 \
    --adam.lr 5e-6 \
    --model.beta 0.1 \
-   --ckpt.output_dir runs/cpu-sera \
+   --ckpt.output_dir $OUTPUT_DIR \
    --sera.enable \
-   --sera.iterations 3 \
-   --sera.prompts $DATA/prompts.jsonl \
-   --sera.num_prompts 12 \
-   --sera.num_samples 4 \
-   --sera.max_new_tokens 40
+   --sera.iterations ${ITERATIONS:-3} \
+   ${PROMPTS:+--sera.prompts $PROMPTS} \
+   --sera.num_prompts ${NUM_PROMPTS:-12} \
+   --sera.num_samples ${NUM_SAMPLES:-4} \
+   --sera.max_new_tokens ${MAX_NEW_TOKENS:-40}
 EOF
 
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} .venv/bin/python -m $training_commands
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} "$PYTHON" -m $training_commands
