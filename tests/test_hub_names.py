@@ -189,14 +189,18 @@ def cli_flags(model: str, data: str, out, *extra) -> list[str]:
 @pytest.mark.slow
 def test_loop_on_hub_model_and_hub_dataset_mixture(hf_home, tmp_path):
     """--sera.enable with a Hub model id and a Hub dataset mixed 50/50 with a local file, chat data without
-    --data.prompt_key: the prompts to bootstrap from are the conversations before the last assistant turn."""
+    --data.prompt_key (the prompts to bootstrap from are the conversations before the last assistant turn), and the
+    Hub dataset's test split as --eval.dataset, evaluated after every iteration."""
     local = tiny.write_jsonl(str(tmp_path / "local.jsonl"), chat_pairs(8, seed=13))
     run_dir = tmp_path / "run"
     run_cli(cli_flags(MODEL, f"{DATASET},{local}", run_dir, "--data.dataset_probs", "0.5,0.5",
                       "--data.max_samples", "16", "--sera.enable", "--sera.iterations", "2", "--sera.num_samples", "2",
                       "--sera.max_new_tokens", "8", "--sera.num_prompts", "4", "--sera.keep_truncated",
-                      "--sera.no_fluency_guard"), env=hub_env(hf_home))
+                      "--sera.no_fluency_guard", "--eval.dataset", DATASET, "--eval.split", "test"),
+            env=hub_env(hf_home))
     state = json.loads((run_dir / "sera_state.json").read_text())
+    for t in ("1", "2"):
+        assert set(state["iterations"][t]["train"]["eval"]) == {"eval_loss", "acc_mean", "margin"}
     files = {f["path"]: f for f in state["data"]["files"]}
     assert set(files) == {DATASET, local} and all(f["format"] == "chat" for f in files.values())
     assert state["data"]["mixture"] == {"probs": [0.5, 0.5], "seed": 42}
