@@ -183,7 +183,20 @@ class BootstrapConfig:
                                        "regulariser; 0 = off)", check=NON_NEGATIVE)
 
 
-GROUPS = (LoopConfig, LossConfig, ScoringConfig, ReviewConfig, BootstrapConfig)
+@dataclass
+class PrecisionConfig:
+    """SeRA: precision (sera_openrlhf.precision)"""
+
+    precision: str = option("auto", "dtype of training, scoring and HF generation, written to --ds.param_dtype. "
+                            "auto: bf16 on a CUDA GPU with bf16; on CPU bf16 only where the CPU has amx_bf16 or "
+                            "avx512_bf16 and a short matmul probe (cached per CPU model and thread count) measures "
+                            "it faster than fp32, else fp32. An explicit --ds.param_dtype wins over auto and "
+                            "must agree with fp32/bf16. Acts whenever a --sera flag is given; without any, "
+                            "the stock run keeps OpenRLHF's --ds.param_dtype (default bf16)",
+                            choices=("auto", "fp32", "bf16"), stock=True)
+
+
+GROUPS = (LoopConfig, LossConfig, ScoringConfig, ReviewConfig, BootstrapConfig, PrecisionConfig)
 
 
 def options(group) -> list:
@@ -228,6 +241,7 @@ class SeraConfig:
     scoring: ScoringConfig
     review: ReviewConfig
     bootstrap: BootstrapConfig
+    precision: PrecisionConfig
 
     @classmethod
     def from_namespace(cls, ns) -> "SeraConfig":

@@ -14,6 +14,8 @@ set -x
 #   BATCH_SIZE        --train.batch_size 8         MICRO_BATCH_SIZE --train.micro_batch_size 2
 #   PYTHON            the interpreter (the repo's .venv/bin/python, built by scripts/setup.sh)
 #   OMP_NUM_THREADS   torch threads (default: every core; on a busy machine set 1)
+# Precision: --sera.precision auto picks bf16 only where the CPU has amx_bf16/avx512_bf16 and a short matmul probe
+# measures it faster, else fp32 (logged as "[sera-openrlhf] precision ..."); set fp32 or bf16 below to force one.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 RES=$REPO/sera_openrlhf/resources/hh_rlhf_harmless_base
@@ -34,7 +36,7 @@ sera_openrlhf.cli.train_dpo \
    --train.micro_batch_size ${MICRO_BATCH_SIZE:-2} \
    --train.max_epochs 1 \
    --ds.zero_stage 2 \
-   --ds.param_dtype fp32 \
+   --sera.precision auto \
    --adam.lr 5e-6 \
    --model.beta 0.1 \
    --ckpt.output_dir $OUTPUT_DIR \

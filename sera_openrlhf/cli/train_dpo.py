@@ -42,6 +42,7 @@ def mark_given(args, argv):
     """Record which flags the user gave (the CPU layer and the stock/SeRA dispatch depend on it)."""
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}  # dotted flags may be --flag=value
     args._attn_defaulted = "--ds.attn_implementation" not in given
+    args._param_dtype_given = "--ds.param_dtype" in given  # explicit: wins over --sera.precision auto
     args._sera_given = sorted(a[len("--sera."):] for a in given if a.startswith("--sera."))
     args._sera_active = bool(args._sera_given)
     return args
@@ -92,9 +93,13 @@ def check_model_dir(path, flag: str, trust_remote_code: bool) -> None:
 
 
 def run(args) -> None:
+    from sera_openrlhf import precision
     from sera_openrlhf.openrlhf_adapter.compat import check_cpu_args
 
     cfg = sera_config(args)
+    if args._sera_active:  # without any --sera flag the stock run keeps its own --ds.param_dtype
+        precision.check_flags(cfg.precision.precision, args.ds.param_dtype,
+                              getattr(args, "_param_dtype_given", False))
     daa_loss = build_daa_loss(args, cfg) if args._sera_active else None
     for notice in check_cpu_args(args):
         print(f"[sera-openrlhf] {notice}", flush=True)
@@ -103,6 +108,8 @@ def run(args) -> None:
     check_model_dir(args.ref.model_name_or_path, "--ref.model_name_or_path", trust)
     if not args.data.dataset:
         raise ConfigError("--data.dataset is required")
+    if args._sera_active:
+        precision.apply_to_args(args)  # -> args.ds.param_dtype, and the record in args._sera_precision
 
     if not args._sera_active:
         from openrlhf.cli.train_dpo import train
