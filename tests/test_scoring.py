@@ -111,9 +111,9 @@ def test_two_ranks_in_process_give_identical_results(model, items_and_naive):
 
         return gather
 
-    for r in (0, 1):  # each rank's local work, captured at its gather
+    for r in (0, 1):  # each rank's local work, captured at its gather (plain path: counting hides .packed)
         with pytest.raises(Captured):
-            score_sequences(hf_logprob_fn(model), items, PAD, rank=r, gather_fn=capture(r), **kw)
+            score_sequences(counting(hf_logprob_fn(model)), items, PAD, rank=r, gather_fn=capture(r), **kw)
     # interleaved shard: rank r scored items r, r+2, ...
     assert sorted(i for i, _, _ in captured[0]) == list(range(0, len(items), 2))
     assert sorted(i for i, _, _ in captured[1]) == list(range(1, len(items), 2))
@@ -136,7 +136,8 @@ def test_two_ranks_in_process_give_identical_results(model, items_and_naive):
         torch.testing.assert_close(res.logp_sum, single.logp_sum, atol=1e-5, rtol=0)
     # duplicated entries (ranks sharing a data shard, e.g. ring attention) are tolerated
     dup = score_sequences(
-        hf_logprob_fn(model), items, PAD, rank=0, gather_fn=lambda l: [l, l, captured[1], captured[1]], **kw
+        counting(hf_logprob_fn(model)), items, PAD, rank=0, gather_fn=lambda l: [l, l, captured[1], captured[1]],
+        **kw
     )
     assert torch.equal(dup.logp_sum, results[0].logp_sum)
     # a gather that loses a rank is an error, not silent NaNs
@@ -349,3 +350,231 @@ def test_hf_logprob_fn_chunking_is_exact(model):
         full = hf_logprob_fn(model)(ids, mask)
         for elems in (1, 300, 128 * 16 * 2):  # one logit row at a time / pieces of a row / two whole rows
             assert torch.equal(hf_logprob_fn(model, chunk_elems=elems)(ids, mask), full)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# packed path: shared prompts, packed rows, LM head on scored positions only
+
+
+def pair_items(n=6, seed=11):
+    """Items of n pairs (chosen k, rejected k share their prompt) plus prompt_len 0 / 1 / L-1 edge items."""
+    g = torch.Generator().manual_seed(seed)
+    chosen, rejected = [], []
+    for _ in range(n):
+        p = int(torch.randint(1, 12, (1,), generator=g))
+        prompt = torch.randint(1, VOCAB, (p,), generator=g)
+        for side in (chosen, rejected):
+            resp = torch.randint(1, VOCAB, (int(torch.randint(0, 15, (1,), generator=g)),), generator=g)
+            side.append(SequenceItem(torch.cat([prompt, resp]), p))
+    return chosen + rejected + make_items(3, seed=seed)
+
+
+def count_packed(fn):
+    inner = fn.packed
+    calls = []
+
+    def wrapped(input_ids, *a):
+        calls.append(tuple(input_ids.shape))
+        return inner(input_ids, *a)
+
+    for k in ("supports_4d", "model", "verified", "disabled"):
+        setattr(wrapped, k, getattr(inner, k))
+    fn.packed, wrapped.calls = wrapped, calls
+    return fn
+
+
+@pytest.mark.parametrize("max_tokens", [1, 48, 100_000])
+@pytest.mark.parametrize("share,pack", [(True, True), (False, True), (True, False)])
+def test_packed_path_matches_naive(model, max_tokens, share, pack):
+    items = pair_items()
+    fn = hf_logprob_fn(model)
+    assert fn.packed.supports_4d  # sdpa
+    res = score_sequences(fn, items, PAD, max_tokens_per_batch=max_tokens, share_prefix=share, pack=pack,
+                          show_progress=False)
+    assert fn.packed.verified is True and not fn.packed.disabled
+    ref_sum, ref_n = naive_scores(model, items)
+    torch.testing.assert_close(res.logp_sum, ref_sum, atol=1e-5, rtol=0)
+    assert torch.equal(res.num_tokens, ref_n)
+
+
+def test_packed_rows_share_prompts_and_fill_padding(model):
+    items = pair_items(8)
+    fn = count_packed(hf_logprob_fn(model))
+    fn.packed.verified = True  # skip the self-check forwards in the count
+    score_sequences(fn, items, PAD, max_tokens_per_batch=100_000, show_progress=False)
+    slots = sum(b * L for b, L in fn.packed.calls)
+    assert slots < sum(len(it.input_ids) for it in items)  # the 8 shared prompts run once
+
+
+def test_packed_scores_do_not_depend_on_batch_composition(model):
+    items = pair_items(5, seed=3)
+    fn = hf_logprob_fn(model)
+    alone = score_sequences(fn, items, PAD, max_tokens_per_batch=1, share_prefix=False, show_progress=False)
+    together = score_sequences(fn, items, PAD, max_tokens_per_batch=100_000, show_progress=False)
+    reordered = score_sequences(fn, items[::-1], PAD, max_tokens_per_batch=64, show_progress=False)
+    torch.testing.assert_close(together.logp_sum, alone.logp_sum, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reordered.logp_sum.flip(0), alone.logp_sum, atol=1e-5, rtol=0)
+
+
+def test_response_only_head_equals_full_forward(model):
+    """PackedLogprobs on the scored positions == the full [B, L-1] log-probs of hf_logprob_fn there."""
+    ids = torch.randint(1, VOCAB, (3, 17), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0
+    with torch.no_grad():
+        full = hf_logprob_fn(model, packed=False)(ids, mask)
+    rows = torch.tensor([0, 0, 1, 2, 2])
+    cols = torch.tensor([0, 15, 7, 3, 8])
+    packed = hf_logprob_fn(model).packed
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    got = packed(ids, pos, mask.bool()[:, None, None, :] & torch.ones(17, 17, dtype=torch.bool).tril(), rows, cols,
+                 ids[rows, cols + 1])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, full[rows, cols], atol=1e-5, rtol=0)
+    packed.chunk_elems = 1  # one logit row at a time: the same numbers
+    torch.testing.assert_close(packed(ids, pos, mask[:, None, None, :].bool() & torch.ones(17, 17).tril().bool(),
+                                      rows, cols, ids[rows, cols + 1]), got, atol=0, rtol=0)
+
+
+def test_bf16_model_accumulates_in_float32():
+    m16 = tiny_model().to(torch.bfloat16)
+    items = pair_items(4, seed=5)
+    fn = hf_logprob_fn(m16)
+    res = score_sequences(fn, items, PAD, max_tokens_per_batch=1, share_prefix=False, show_progress=False)
+    assert res.logp_sum.dtype == torch.float64
+    # reference: the same bf16 logits, upcast to float32 before log_softmax, summed in float64
+    ref = []
+    with torch.no_grad():
+        for ids, p in items:
+            logp = torch.log_softmax(m16(ids[None]).logits[0].float(), -1)
+            t = torch.arange(max(p, 1), len(ids))
+            ref.append(logp[t - 1, ids[t]].double().sum())
+    torch.testing.assert_close(res.logp_sum, torch.stack(ref), atol=2e-3, rtol=1e-4)
+    ids = items[0].input_ids[None]
+    out = fn.packed(ids, torch.arange(ids.shape[1])[None], torch.ones_like(ids), torch.tensor([0]),
+                    torch.tensor([0]), ids[0, 1:2])
+    assert out.dtype == torch.float32
+
+
+def test_eager_attention_uses_an_additive_4d_mask():
+    m = tiny_llama(VOCAB, seed=0, pad_token_id=PAD, attn_implementation="eager")
+    fn = hf_logprob_fn(m)
+    assert fn.packed.supports_4d and fn.packed.attn_impl == "eager"
+    items = pair_items(4, seed=6)
+    res = score_sequences(fn, items, PAD, max_tokens_per_batch=100_000, show_progress=False)
+    torch.testing.assert_close(res.logp_sum, naive_scores(m, items)[0], atol=1e-5, rtol=0)
+
+
+def test_self_check_failure_falls_back_to_plain_forward(model):
+    fn = hf_logprob_fn(model)
+    torch.manual_seed(0)
+    fn.packed.head = torch.nn.Linear(model.config.hidden_size, VOCAB, bias=False)  # not the model's logits
+    items = pair_items(3)
+    with pytest.warns(RuntimeWarning, match="packed scoring path disagrees"):
+        res = score_sequences(fn, items, PAD, show_progress=False)
+    assert fn.packed.disabled
+    torch.testing.assert_close(res.logp_sum, naive_scores(model, items)[0], atol=1e-5, rtol=0)
+
+
+def test_packed_two_ranks_run_equal_forwards_and_match_single(model):
+    items = pair_items(7) + [SequenceItem(torch.arange(1, 41), 3)]
+    single = score_sequences(hf_logprob_fn(model), items, PAD, max_tokens_per_batch=40, show_progress=False)
+    local, forwards = {}, {}
+    for r in (0, 1):
+        fn = count_packed(hf_logprob_fn(model))
+        fn.packed.verified = True
+
+        def gather(entries, r=r):
+            local[r] = entries
+            return [entries]
+
+        with pytest.raises(RuntimeError, match="scored by no rank"):  # the other rank's entries are not here
+            score_sequences(fn, items, PAD, max_tokens_per_batch=40, rank=r, world_size=2, gather_fn=gather,
+                            show_progress=False)
+        forwards[r] = fn.packed.calls
+    assert len(forwards[0]) == len(forwards[1])
+    both = score_sequences(hf_logprob_fn(model), items, PAD, max_tokens_per_batch=40, rank=0, world_size=2,
+                           gather_fn=lambda e: [local[0], local[1]], show_progress=False)
+    torch.testing.assert_close(both.logp_sum, single.logp_sum, atol=1e-5, rtol=0)
+
+
+def test_actor_logprob_fn_packed_only_when_equivalent(model):
+    class Actor(torch.nn.Module):
+        def __init__(self, inner, **attrs):
+            super().__init__()
+            self.model = inner
+            self.__dict__.update(attrs)
+
+        def forward(self, sequences, attention_mask=None, return_logprobs=False, ring_attn_group=None):
+            return hf_logprob_fn(self.model, packed=False)(sequences, attention_mask)
+
+    assert hasattr(actor_logprob_fn(Actor(model)), "packed")
+    assert not hasattr(actor_logprob_fn(Actor(model), ring_attn_group="G"), "packed")
+    assert not hasattr(actor_logprob_fn(Actor(model, temperature=0.7)), "packed")
+    assert not hasattr(actor_logprob_fn(Actor(model, packing_samples=True)), "packed")
+    items = pair_items(3)
+    res = score_sequences(actor_logprob_fn(Actor(model)), items, PAD, show_progress=False)
+    torch.testing.assert_close(res.logp_sum, naive_scores(model, items)[0], atol=1e-5, rtol=0)
+
+
+def test_plan_rows_covers_every_group_within_budget():
+    from sera_openrlhf.scoring import _best_plan, _plan_rows
+
+    lengths = [5, 50, 7, 7, 30, 1, 12, 12, 12, 3, 25, 25]
+    sizes = [2, 1, 2, 2, 1, 1, 2, 2, 2, 1, 2, 2]
+    for budget, cap in [(1, 64), (24, 64), (60, 3), (10_000, 5), (10_000, 64)]:
+        for plan in (_plan_rows(lengths, sizes, budget, cap, True),
+                     _best_plan(lengths, sizes, budget, cap, True, 0.01)):
+            assert sorted(g for b in plan for row in b for g in row) == list(range(len(lengths)))
+            for b in plan:
+                L = max(sum(lengths[g] for g in row) for row in b)
+                assert L == max(lengths[g] for row in b for g in row)  # rows never exceed the longest group
+                assert len(b) == 1 or len(b) * L <= budget
+                n = sum(sizes[g] for row in b for g in row)
+                assert n <= cap or sum(len(row) for row in b) == 1
+    assert _plan_rows([10, 4, 6, 3, 3], [1] * 5, 30, 64, True) == [[[0], [2, 1], [3, 4]]]
+
+
+@pytest.mark.parametrize("cfg, slides", [({"sliding_window": 16}, True), ({"sliding_window": None}, False),
+                                          ({"sliding_window": 16, "use_sliding_window": False}, False),
+                                          ({"sliding_window": 16, "layer_types": ["full_attention"] * 2}, False),
+                                          ({"sliding_window": 16, "layer_types": ["sliding_attention",
+                                                                                  "full_attention"]}, True)])
+def test_sliding_window_models_get_no_custom_4d_mask(model, cfg, slides):
+    """transformers uses a 4-D mask as given, so a sliding window would be silently lost: such models score one
+    sequence per row with a 2-D mask (transformers then builds the window itself)."""
+    from types import SimpleNamespace
+
+    from sera_openrlhf.scoring import PackedLogprobs
+
+    m = torch.nn.Module()
+    m.config = SimpleNamespace(_attn_implementation="sdpa", **cfg)
+    assert PackedLogprobs(m, model.model, model.lm_head).supports_4d is (not slides)
+
+
+def test_prompt_groups_respect_the_token_and_sequence_limits():
+    from sera_openrlhf.scoring import _make_groups
+
+    prompt = torch.arange(1, 11)
+    items = [SequenceItem(torch.cat([prompt, torch.full((5,), 7 + k)]), 10) for k in range(6)]  # one prompt, 6x
+    assert [len(g.items) for g in _make_groups(items, True)] == [6]
+    by_tokens = _make_groups(items, True, max_tokens=25)  # prompt 10 + 3 responses of 5
+    assert [len(g.items) for g in by_tokens] == [3, 3] and max(g.length for g in by_tokens) == 25
+    assert [len(g.items) for g in _make_groups(items, True, max_items=4)] == [4, 2]
+
+
+def test_self_check_waits_for_an_informative_item_and_survives_a_failing_body(model):
+    fn = hf_logprob_fn(model)
+    no_prompt = [SequenceItem(torch.arange(1, 9), 0)]
+    score_sequences(fn, no_prompt, PAD, show_progress=False)
+    assert fn.packed.verified is None and not fn.packed.disabled  # nothing to compare yet: checked next time
+
+    def broken(**kw):
+        raise TypeError("this body does not take a 4-D mask")
+
+    fn.packed.body = broken
+    items = pair_items(2)
+    with pytest.warns(RuntimeWarning, match="packed scoring path failed"):
+        res = score_sequences(fn, items, PAD, show_progress=False)
+    assert fn.packed.disabled
+    torch.testing.assert_close(res.logp_sum, naive_scores(model, items)[0], atol=1e-5, rtol=0)
