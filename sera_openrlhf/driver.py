@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from sera_openrlhf import events
+from sera_openrlhf import events, memory
 from sera_openrlhf.config import SeraConfig
 from sera_openrlhf.losses import DAALoss
 from sera_openrlhf.metrics import LoggerSettings, PhaseMetrics
@@ -43,11 +43,13 @@ class Driver:
         self.ctx.backend.print(f"[sera] iteration {t}: {name}")
         events.current_phase = key
         events.emit(f"{key}:start")
+        memory.reset_peak()
         start = time.time()
         stats = fn()
+        memory.release()  # the phase's models are gone: give their memory back before the next phase loads its own
         self.ctx.backend.barrier()
         events.emit(f"{key}:end")
-        state.mark(key, stats, t, time.time() - start)
+        state.mark(key, stats, t, time.time() - start, memory.usage())
         self.metrics.log(t, name, stats)
         return stats
 
@@ -123,6 +125,7 @@ def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
             backend.print(f"[sera] skipped for a prompt longer than --data.max_len {args.data.max_len}: "
                           f"{skipped['pairs']} offline pairs, {skipped['prompts']} bootstrapping prompts")
         state.data["data"] = offline.info
+        state.data["precision"] = getattr(args, "_sera_precision", None)  # --sera.precision's choice and probe
         state.save()
         ctx = RunContext(cfg, layout, state, backend, daa_loss, spec, offline.rows, offline.use_prompt_key,
                          prompts, args.train.seed)

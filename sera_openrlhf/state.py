@@ -93,10 +93,12 @@ class RunState:
     def done(self, phase: str) -> bool:
         return phase in self.data["done"]
 
-    def mark(self, phase: str, stats: dict | None, iteration: int, seconds: float) -> None:
+    def mark(self, phase: str, stats: dict | None, iteration: int, seconds: float, memory: dict | None = None) -> None:
         if stats is not None:
             self.data["iterations"].setdefault(str(iteration), {})[phase.split("/")[-1]] = stats
         self.data.setdefault("seconds", {})[phase] = round(seconds, 1)
+        if memory is not None:  # this rank's peak RSS (and CUDA peak) during the phase
+            self.data.setdefault("memory", {})[phase] = memory
         if phase not in self.data["done"]:
             self.data["done"].append(phase)
         self.save()

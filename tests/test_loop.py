@@ -40,6 +40,9 @@ def test_three_iterations_produce_every_artefact(uninterrupted):
     run_dir, proc = uninterrupted
     state = json.loads((run_dir / "sera_state.json").read_text())
     assert state["done"][0] == "iter1/train"
+    # every phase's peak memory is recorded, and the precision the run resolved to is the one it trained in
+    assert set(state["memory"]) == set(state["done"]) and all(m["peak_rss_mb"] > 0 for m in state["memory"].values())
+    assert state["precision"]["choice"] == state["config"]["ds"]["param_dtype"]
     for t in (2, 3):
         for phase in ("review", "generate", "score_samples", "pair", "train"):
             assert f"iter{t}/{phase}" in state["done"]

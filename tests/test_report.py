@@ -135,6 +135,9 @@ def make_run(root, converge_at=None):
                                                                                "format": "openrlhf"}]}}
     if converge_at:
         state["converged_at"] = converge_at
+    state["seconds"] = {p: 10.0 + i for i, p in enumerate(done)}
+    state["memory"] = {p: {"peak_rss_mb": 2000 + i, "rss_mb": 900} for i, p in enumerate(done)}
+    state["precision"] = {"choice": "fp32", "reason": "no bf16 instructions on this CPU"}
     with open(f"{run}/sera_state.json", "w") as f:
         json.dump(state, f)
     return expect
@@ -208,6 +211,9 @@ def test_full_report_markdown(full_run):
     for name in PLOTS:
         assert f"]({name}.png)" in md
     assert "`--sera.keep_ratio` | 0.7" in md
+    phases = md.split("## Time and memory per phase\n", 1)[1].split("\n## ", 1)[0]
+    assert "Precision: fp32 (no bf16 instructions on this CPU)" in phases
+    assert "| iter1/train | 10 | 2000 |" in phases and "| iter3/train |" in phases
     assert f"{root}/iter_3/policy" in md.split("## Final policy", 1)[1].split("##", 1)[0]
 
 

@@ -161,6 +161,8 @@ class RunSummary:
     suspicious_pairs: SuspiciousPairs
     guard_totals: dict[str, float]
     series: PlotSeries | None
+    resolved_precision: dict | None = None  # --sera.precision's choice, reason and probe figures
+    resources: list[dict] | None = None  # per phase in run order: {phase, seconds, peak_rss_mb[, cuda_peak_mb]}
 
 
 # ---------------------------------------------------------------------------------------------------- small helpers
@@ -580,7 +582,17 @@ def collect(run_dir: str) -> RunSummary:
         data=state.get("data"), config=_config_highlights(config),
         config_flags={label: flag for label, _, flag in CONFIG_HIGHLIGHTS}, iterations=iterations,
         suspicious_pairs=_suspicious(run_dir, ts, reviews, stats_all, config),
-        guard_totals=_guard_totals(iterations), series=series)
+        guard_totals=_guard_totals(iterations), series=series,
+        resolved_precision=state.get("precision") if isinstance(state.get("precision"), dict) else None,
+        resources=_resources(state, done))
+
+
+def _resources(state: dict, done: list[str]) -> list[dict]:
+    """Wall seconds and this rank's peak memory of every finished phase, in the order they ran."""
+    seconds, memory = _dict(state.get("seconds")), _dict(state.get("memory"))
+    return [{"phase": p, "seconds": num(seconds.get(p)), **{k: num(v) for k, v in _dict(memory.get(p)).items()
+                                                          if k in ("peak_rss_mb", "cuda_peak_mb")}}
+            for p in done]
 
 
 def _config_highlights(config: dict) -> dict:

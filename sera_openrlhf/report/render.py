@@ -29,7 +29,7 @@ def report_dict(summary: RunSummary) -> dict:
 def markdown(summary: RunSummary, plots: dict[str, str]) -> str:
     """report.md; `plots` maps the plot names that were drawn to their file names."""
     lines = [*_header(summary), *_final_policy(summary), *_iterations(summary), *_config(summary),
-             *_suspicious(summary), *_guards(summary), *_plots(plots)]
+             *_suspicious(summary), *_guards(summary), *_resources(summary), *_plots(plots)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -184,6 +184,21 @@ def _config(s: RunSummary) -> list[str]:
         if value is None and label != "fluency floor":
             continue
         lines.append(f"| {_cell(label)} | `{s.config_flags[label]}` | {_cell(_fmt(value))} |")
+    return lines + [""]
+
+
+def _resources(s: RunSummary) -> list[str]:
+    if not s.resources:
+        return []
+    lines = ["## Time and memory per phase\n"]
+    p = s.resolved_precision
+    if p:
+        lines.append(f"Precision: {p.get('choice')} ({_cell(p.get('reason'))}).\n")
+    cuda = any("cuda_peak_mb" in r for r in s.resources)
+    lines += _table_head(["phase", "seconds", "peak RSS (MB)"] + (["peak CUDA (MB)"] if cuda else []))
+    for r in s.resources:
+        cells = [r["phase"], _fmt(r["seconds"]), _fmt(r.get("peak_rss_mb"))]
+        lines.append(_row(cells + ([_fmt(r.get("cuda_peak_mb"))] if cuda else [])))
     return lines + [""]
 
 
