@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import sys
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +231,10 @@ def apply() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build at init_distributed
         _torch_adam_on_cpu(ods.DeepspeedStrategy)
         torch.cuda.set_device = lambda *a, **k: None  # torchrun/deepspeed launchers call it with LOCAL_RANK>=0
+        # OpenRLHF's dataloaders ask for pinned memory, which has no meaning without an accelerator
+        warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator")
+    # torchdata's StatefulDataLoader calls its own deprecated torch.set_vital on every dataloader OpenRLHF builds
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
     _applied = True
 
 
