@@ -83,8 +83,10 @@ class LoopConfig:
 class LossConfig:
     """SeRA: loss (sera_openrlhf.losses)"""
 
-    loss: str = option("dpo", "DAA loss: dpo, ipo, slic, simpo, rdpo, or an import path module:attr / file.py:attr "
-                       "of a registered-style loss. --model.ipo_enable selects ipo", stock=True)
+    loss: str = option("dpo", "DAA loss: dpo (cDPO with --model.label_smoothing), robust (rDPO, flip rate from "
+                       "--model.label_smoothing), ipo, slic, simpo, rdpo (length-regularised R-DPO), or an import "
+                       "path module:attr / file.py:attr of a registered-style loss. --model.ipo_enable selects ipo",
+                       stock=True)
     simpo_gamma: float = option(0.5, "SimPO target reward margin gamma", check=NON_NEGATIVE, stock=True)
     rdpo_alpha: float = option(0.01, "R-DPO length-regularisation coefficient alpha", check=NON_NEGATIVE,
                                stock=True)

@@ -151,6 +151,24 @@ class DPOLoss(DAALoss):
         )
 
 
+@LOSSES.register("robust")
+class RobustDPOLoss(DAALoss):
+    """Robust DPO (rDPO): an unbiased estimate of the clean-label DPO loss under a known label-flip rate eps
+    (--model.label_smoothing), TRL's `loss_type="robust"`. Unlike cDPO it can push a pair's margin *against* its
+    label when the loss judges the label likely flipped: the weight on the flipped term is negative."""
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
+        super().__init__(beta)
+        self.label_smoothing = _param("label_smoothing", label_smoothing, lambda v: 0 <= v < 0.5, "in [0, 0.5)")
+
+    def compute_losses(self, batch: PreferenceBatch) -> Tensor:
+        h = _logratio_margin(batch)
+        eps = self.label_smoothing
+        # Chowdhury et al. 2024 ("Provably robust DPO"), Eq. 8: ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps),
+        # l(h) = -log sigma(beta * h); eps = 0 is DPO.
+        return (-(1 - eps) * F.logsigmoid(self.beta * h) + eps * F.logsigmoid(-self.beta * h)) / (1 - 2 * eps)
+
+
 @LOSSES.register("ipo")
 class IPOLoss(DAALoss):
     """IPO. Matches OpenRLHF's `DPOLoss(ipo=True)`, with beta in the role of IPO's tau."""

@@ -122,8 +122,8 @@ def test_cli_rejects_a_later_iteration_value_within_seconds(tmp_path):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--model.ipo_enable", "--sera.loss", "simpo"], "--model.ipo_enable selects the IPO loss"),
-    (["--model.label_smoothing", "0.1", "--sera.loss", "slic"], "--model.label_smoothing (cDPO) applies to the dpo"),
-    (["--model.label_smoothing", "0.1", "--model.ipo_enable"], "--model.label_smoothing (cDPO) applies to the dpo"),
+    (["--model.label_smoothing", "0.1", "--sera.loss", "slic"], "--model.label_smoothing (the label-flip rate of cDPO / robust DPO) applies to the dpo"),
+    (["--model.label_smoothing", "0.1", "--model.ipo_enable"], "--model.label_smoothing (the label-flip rate of cDPO / robust DPO) applies to the dpo"),
 ])
 def test_stock_loss_flags_that_a_sera_loss_would_ignore_are_refused(flags, needle):
     from sera_openrlhf.cli.train_dpo import build_daa_loss, parse_args, sera_config

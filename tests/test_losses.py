@@ -21,7 +21,7 @@ from sera_openrlhf.losses import (
     implicit_reward,
 )
 
-BUILTINS = ["dpo", "ipo", "slic", "simpo", "rdpo"]
+BUILTINS = ["dpo", "ipo", "slic", "simpo", "rdpo", "robust"]
 
 # Three pairs. h = (pc - pr) - (rc - rr) = [1.0, -2.5, 1.5].
 PC = [-10.0, -12.0, -8.0]
@@ -165,6 +165,9 @@ def reference_losses(name, params, pc, pr, rc, rr, lc, lr):
                 losses.append(max(0.0, params.get("delta", 1.0) - beta * h))
             elif name == "rdpo":  # Park et al. 2024, Eq. 9
                 losses.append(softplus(-(beta * h + params.get("alpha", 0.01) * (nc - nr))))
+            elif name == "robust":  # Chowdhury et al. 2024, Eq. 8
+                eps = params.get("label_smoothing", 0.0)
+                losses.append(((1 - eps) * softplus(-beta * h) - eps * softplus(beta * h)) / (1 - 2 * eps))
         chosen.append(r_w)
         rejected.append(r_l)
     return losses, chosen, rejected
@@ -179,6 +182,7 @@ def reference_losses(name, params, pc, pr, rc, rr, lc, lr):
         ("slic", {"beta": 0.1, "delta": 1.0}),
         ("simpo", {"beta": 2.0, "gamma": 0.5}),
         ("rdpo", {"beta": 0.1, "alpha": 0.05}),
+        ("robust", {"beta": 0.1, "label_smoothing": 0.3}),
     ],
 )
 def test_matches_plain_python_reference_fp32(name, params):
@@ -232,6 +236,7 @@ def test_gradient_raises_chosen_and_lowers_rejected(name):
 #   SimPO (beta 2.0), Meng et al. 2024, Eq. 4: 2 * log pi / |y| = 2 * [-10/5, -12/8, -8/4], 2 * [-11/4, -10/6, -8.5/10]
 DPO_REWARDS = ([0.05, -0.1, 0.1], [-0.05, 0.15, -0.05])
 DEFAULT_REWARDS = {"dpo": DPO_REWARDS, "ipo": DPO_REWARDS, "slic": DPO_REWARDS, "rdpo": DPO_REWARDS,
+                   "robust": DPO_REWARDS,
                    "simpo": ([-4.0, -3.0, -4.0], [-5.5, -10 / 3, -1.7])}
 
 
@@ -284,6 +289,7 @@ def test_dpo_beta_to_zero_gives_log2():
         ("slic", {"beta": 0.3, "delta": 1.5}, 1.5),
         ("simpo", {"beta": 2.0, "gamma": 0.7}, math.log1p(math.exp(0.7))),  # -log sigma(-gamma)
         ("rdpo", {"beta": 0.3, "alpha": 0.05}, math.log(2)),  # equal lengths: no length term
+        ("robust", {"beta": 0.3, "label_smoothing": 0.2}, math.log(2)),
     ],
 )
 def test_equal_chosen_and_rejected(name, params, expected):
@@ -311,6 +317,7 @@ def test_unknown_loss_lists_names():
         ("simpo", {"gamma": -1.0}, "--sera.simpo_gamma"),
         ("rdpo", {"alpha": -0.1}, "--sera.rdpo_alpha"),
         ("slic", {"delta": 0.0}, "--sera.slic_delta"),
+        ("robust", {"label_smoothing": 0.5}, "--model.label_smoothing"),
     ],
 )
 def test_out_of_range_params_name_the_flag(name, params, flag):
@@ -377,3 +384,22 @@ def test_builtins_are_daaloss_with_declared_needs():
 def test_implicit_reward_needs_reference():
     with pytest.raises(ValueError, match="ref_logps"):
         implicit_reward(build_loss("dpo"), torch.zeros(2))
+
+
+def test_robust_dpo_is_unbiased_for_the_clean_loss_under_symmetric_flips():
+    """Chowdhury et al. 2024, Lemma 3.1: with labels flipped at rate eps, the expected rDPO loss equals the clean
+    DPO loss (cDPO's does not), so its gradient pushes a pair toward its *true* order."""
+    eps, beta = 0.3, 0.5
+    h = torch.tensor([2.0, -1.0, 0.5])
+    zeros = torch.zeros(3)
+    robust, dpo, cdpo = (build_loss(n, beta=beta, label_smoothing=e) for n, e in
+                         (("robust", eps), ("dpo", 0.0), ("dpo", eps)))
+    clean = dpo(PreferenceBatch(h, zeros, zeros, zeros)).losses
+
+    def expected(loss):  # the label is kept with prob 1 - eps, flipped (chosen <-> rejected) with prob eps
+        kept = loss(PreferenceBatch(h, zeros, zeros, zeros)).losses
+        flipped = loss(PreferenceBatch(zeros, h, zeros, zeros)).losses
+        return (1 - eps) * kept + eps * flipped
+
+    torch.testing.assert_close(expected(robust), clean, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(expected(cdpo), clean, atol=1e-3)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from sera_openrlhf.losses import LOSSES, PreferenceBatch, build_loss
 
-BUILTINS = ["dpo", "ipo", "slic", "simpo", "rdpo"]
+BUILTINS = ["dpo", "ipo", "slic", "simpo", "rdpo", "robust"]
 
 
 def test_registry_lists_every_builtin():
@@ -25,6 +25,8 @@ def test_every_loss_trains_through_entry_point(tiny_model, tiny_data, tmp_path, 
     extra = ["--sera.loss", loss, "--train.max_epochs", "2"]
     if loss == "simpo":
         extra += ["--model.beta", "2.0"]
+    if loss == "robust":  # rDPO's label-flip rate is the stock cDPO flag
+        extra += ["--model.label_smoothing", "0.1"]
     proc = run_cli(base_flags(tiny_model, tiny_data, str(out), *extra))
     stats = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("[sera-openrlhf] {"))
                        .split(" ", 1)[1])

@@ -136,7 +136,8 @@ def build_daa_loss(args, cfg):
     if args.model.ipo_enable:  # the stock flag keeps its meaning
         name = "ipo"
     if args.model.label_smoothing and name in ("ipo", "slic", "simpo", "rdpo"):
-        raise ConfigError(f"--model.label_smoothing (cDPO) applies to the dpo loss only, not to --sera.loss {name}")
+        raise ConfigError(f"--model.label_smoothing (the label-flip rate of cDPO / robust DPO) applies to the dpo "
+                          f"and robust losses only, not to --sera.loss {name}")
     daa_loss = build_loss(name, beta=args.model.beta, label_smoothing=args.model.label_smoothing,
                           gamma=cfg.loss.simpo_gamma, alpha=cfg.loss.rdpo_alpha, delta=cfg.loss.slic_delta)
     if cfg.loop.enable and not callable(SELECTORS.get(cfg.review.selector, flag="--sera.selector")):
