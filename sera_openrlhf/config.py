@@ -105,6 +105,11 @@ class ScoringConfig:
     score_tokens_per_batch: int = option(8192, "Token budget of one scoring batch (length-bucketed)",
                                          check=at_least(1), stock=True)
     score_batch_size: int = option(64, "Maximum sequences in one scoring batch", check=at_least(1), stock=True)
+    packed_train: bool = option(False, "Train with the scoring engine's packed forward: a pair's prompt runs once "
+                                "for chosen and rejected, and the LM head and log-softmax only on response "
+                                "positions. Same loss and gradients up to float rounding (checked once against "
+                                "the stock forward, which it falls back to); not used with ZeRO-3, ring attention, "
+                                "--ds.packing_samples, sliding-window attention or an MoE aux loss", stock=True)
 
 
 @dataclass

@@ -265,9 +265,10 @@ class PackedLogprobs:
         self.verified: Optional[bool] = None  # None: not yet checked
         self.disabled = False
 
-    def __call__(self, input_ids, position_ids, attention_mask, rows, cols, labels) -> torch.Tensor:
+    def __call__(self, input_ids, position_ids, attention_mask, rows, cols, labels, grad: bool = False
+                 ) -> torch.Tensor:
         device = _module_device(self.model)
-        with torch.inference_mode():
+        with torch.inference_mode(not grad):
             mask = attention_mask.to(device)
             if mask.dim() == 4 and self.attn_impl == "eager":  # eager adds the mask to the scores
                 dtype = next(self.model.parameters()).dtype
@@ -280,15 +281,15 @@ class PackedLogprobs:
             h = hidden[rows.to(device), cols.to(device)]  # [N, d]: only the positions that predict scored tokens
             del hidden
             labels = labels.to(device)
-            n = int(h.shape[0])
-            out = torch.empty((n,), dtype=torch.float32, device=device)
             step = max(1, self.chunk_elems // max(1, int(self.head.out_features)))
-            for c0 in range(0, n, step):
+            parts = []
+            for c0 in range(0, int(h.shape[0]), step):
                 logits = self.head(h[c0 : c0 + step]).float()
                 picked = logits.gather(-1, labels[c0 : c0 + step, None]).squeeze(-1)
-                out[c0 : c0 + step] = picked - torch.logsumexp(logits, dim=-1)
+                parts.append(picked - torch.logsumexp(logits, dim=-1))
                 del logits
-        return out.clone()  # a normal tensor, usable outside inference mode
+            out = torch.cat(parts) if parts else torch.zeros((0,), dtype=torch.float32, device=device)
+        return out if grad else out.clone()  # clone: a normal tensor, usable outside inference mode
 
 
 class _Group(NamedTuple):
@@ -454,6 +455,22 @@ def _score_packed_batch(packed: PackedLogprobs, items, groups, rows, pad_token_i
     sums = torch.zeros((B,), dtype=torch.float64).index_add_(0, owner, lp)
     counts = torch.zeros((B,), dtype=torch.long).index_add_(0, owner, torch.ones_like(owner))
     return batch_items, sums, counts
+
+
+def packed_train_logps(packed: PackedLogprobs, items: Sequence[SequenceItem], pad_token_id: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logp_sum float32[N], num_tokens int64[N]) of `items` in order, carrying gradients: the packed layout for a
+    training step. Items sharing their prompt tokens (a pair's chosen and rejected) share one row and one
+    forward of the prompt; one group per row; the LM head runs on the scored positions only. The summed log-probs
+    and their gradients equal a plain per-sequence forward's up to float rounding."""
+    groups = _make_groups(items, packed.supports_4d)
+    ids, pos, mask, r, c, lab, owner, batch_items = _build_packed(
+        items, groups, [[g] for g in range(len(groups))], pad_token_id, packed.supports_4d)
+    lp = packed(ids, pos, mask, r, c, lab, grad=True)
+    item = torch.tensor(batch_items, dtype=torch.long)[owner].to(lp.device)
+    n = len(items)
+    sums = torch.zeros((n,), dtype=lp.dtype, device=lp.device).index_add(0, item, lp)
+    return sums, torch.bincount(item, minlength=n)
 
 
 def _self_check(packed: PackedLogprobs, logprob_fn: LogprobFn, items: Sequence[SequenceItem], pad_token_id: int,

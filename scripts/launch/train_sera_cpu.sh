@@ -11,11 +11,13 @@ set -x
 #   ITERATIONS        --sera.iterations 3          NUM_PROMPTS      --sera.num_prompts 12
 #   NUM_SAMPLES       --sera.num_samples 4         MAX_NEW_TOKENS   --sera.max_new_tokens 40
 #   MAX_SAMPLES       --data.max_samples 64        MAX_LEN          --data.max_len 192
-#   BATCH_SIZE        --train.batch_size 8         MICRO_BATCH_SIZE --train.micro_batch_size 2
+#   BATCH_SIZE        --train.batch_size 8         MICRO_BATCH_SIZE --train.micro_batch_size 1
 #   PYTHON            the interpreter (the repo's .venv/bin/python, built by scripts/setup.sh)
 #   OMP_NUM_THREADS   torch threads (default: every core; on a busy machine set 1)
 # Precision: --sera.precision auto picks bf16 only where the CPU has amx_bf16/avx512_bf16 and a short matmul probe
 # measures it faster, else fp32 (logged as "[sera-openrlhf] precision ..."); set fp32 or bf16 below to force one.
+# CPU memory and speed: ZeRO-0 (one process has nothing to shard; ZeRO-2 only adds a flat fp32 copy and buckets),
+# micro batch 1, and --sera.packed_train (a pair's prompt runs once, the LM head on response tokens only).
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 RES=$REPO/sera_openrlhf/resources/hh_rlhf_harmless_base
@@ -33,10 +35,11 @@ sera_openrlhf.cli.train_dpo \
    --data.max_samples ${MAX_SAMPLES:-64} \
    --data.max_len ${MAX_LEN:-192} \
    --train.batch_size ${BATCH_SIZE:-8} \
-   --train.micro_batch_size ${MICRO_BATCH_SIZE:-2} \
+   --train.micro_batch_size ${MICRO_BATCH_SIZE:-1} \
    --train.max_epochs 1 \
-   --ds.zero_stage 2 \
+   --ds.zero_stage 0 \
    --sera.precision auto \
+   --sera.packed_train \
    --adam.lr 5e-6 \
    --model.beta 0.1 \
    --ckpt.output_dir $OUTPUT_DIR \

@@ -216,7 +216,7 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
         model=model, ref_model=ref_model, tokenizer=tokenizer, strategy=strategy, optim=optim,
         train_dataloader=train_dataloader, eval_dataloader=eval_dataloader, scheduler=scheduler,
         max_norm=args.max_norm, beta=args.model.beta, max_epochs=args.train.max_epochs,
-        save_hf_ckpt=args.ckpt.save_hf, disable_ds_ckpt=args.ckpt.disable_ds,
+        save_hf_ckpt=args.ckpt.save_hf, disable_ds_ckpt=args.ckpt.disable_ds, packed=args.sera.packed_train,
     )
     trainer.fit(args, consumed_samples, num_update_steps_per_epoch)
     final_eval = None
@@ -246,6 +246,7 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
         "loss_last": trainer.step_logs[-1]["loss"] if trainer.step_logs else None,
         "acc_last": trainer.step_logs[-1]["acc"] if trainer.step_logs else None,
         "reference_loaded": ref_model is not None or (ref_logps is not None),
+        "packed_train": trainer.packed is not None and not trainer.packed.disabled,
     }
     for actor in (model, ref_model):
         destroy_engine(actor)

@@ -6,6 +6,8 @@ Differences from the stock `fit` loop, and why:
 - reference log-probs come from `ref_logps(indices)` (the cache) when given, so the reference never runs per
   step; reference-free losses (SimPO) never touch a reference at all;
 - each pair's loss is multiplied by its weight (soft selection) and bootstrapped pairs can carry an NLL term;
+- with `packed=True` (--sera.packed_train) the policy's log-probs come from the scoring engine's packed layout
+  (a pair's prompt once, the LM head on response positions only): the same loss up to float rounding;
 - every optimizer step is appended to `step_logs` (and `<output_dir>/train_log.jsonl` by the caller) and
   announced as the `events` point `<phase>:step<n>`.
 Logging, evaluation and checkpointing reuse the stock `save_logs_and_checkpoints`.
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from sera_openrlhf import events
 from sera_openrlhf.errors import NonFiniteError
 from sera_openrlhf.losses import DAALoss, PreferenceBatch
+from sera_openrlhf.scoring import SequenceItem, _self_check, actor_logprob_fn, packed_train_logps
 
 
 def response_lengths(att_masks: torch.Tensor, prompt_id_lens) -> torch.Tensor:
@@ -37,12 +40,47 @@ def response_lengths(att_masks: torch.Tensor, prompt_id_lens) -> torch.Tensor:
 
 
 class SeraDPOTrainer(DPOTrainer):
-    def __init__(self, *, daa_loss: DAALoss, train_dataset, ref_logps=None, **stock_kwargs):
+    def __init__(self, *, daa_loss: DAALoss, train_dataset, ref_logps=None, packed: bool = False, **stock_kwargs):
         super().__init__(**stock_kwargs)
         self.daa_loss = daa_loss
         self.train_dataset = train_dataset
         self.ref_logps = ref_logps  # callable(dataset, LongTensor indices) -> (chosen [B], rejected [B]) or None
         self.step_logs: list[dict] = []
+        # --sera.packed_train: the scoring engine's packed layout (None where it does not apply; see policy_logps)
+        self.packed = None
+        if packed and not self.aux_loss:
+            self._stock_logprob_fn = actor_logprob_fn(self.model, ring_attn_group=self.strategy.ring_attn_group)
+            self.packed = getattr(self._stock_logprob_fn, "packed", None)
+
+    # -- policy log-probs -----------------------------------------------------------------------------------
+
+    def policy_logps(self, chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens):
+        """(logp_sum [2B], logp_mean [2B], lengths [2B], model output or None), chosen rows first, with gradients.
+
+        Stock: one forward of the concatenated, right-padded chosen + rejected rows (DPOTrainer's). Packed
+        (--sera.packed_train): each pair's prompt once, its two responses after it under a 4-D mask, the LM head
+        on response positions only; checked once against the stock forward on this run's first batch."""
+        if self.packed is not None and not self.packed.disabled:
+            items = [SequenceItem(ids[m.bool()], int(p)) for ids, m, p in
+                     zip([*chosen_ids, *reject_ids], [*c_mask, *r_mask], [*prompt_id_lens, *prompt_id_lens])]
+            pad = self.tokenizer.pad_token_id
+            if self.packed.verified is None:
+                with torch.no_grad():
+                    self.packed.verified = _self_check(self.packed, self._stock_logprob_fn, items, pad, True)
+                if self.packed.verified is False:
+                    self.packed.disabled = True
+                    self.strategy.print("[sera] --sera.packed_train: the packed forward disagrees with this "
+                                        "model's own forward; training with the stock forward")
+            if not self.packed.disabled:
+                logp_sum, lengths = packed_train_logps(self.packed, items, pad)
+                return logp_sum, logp_sum / lengths, lengths.to(logp_sum.dtype), None
+        input_ids, att_masks, plens = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens)
+        log_probs, output = self.model(
+            input_ids, attention_mask=att_masks, return_output=True, return_logprobs=True,
+            ring_attn_group=self.strategy.ring_attn_group,
+        )
+        logp_sum, logp_mean = self._get_batch_logps(log_probs, att_masks, plens)
+        return logp_sum, logp_mean, response_lengths(att_masks, plens).to(logp_sum.dtype), output
 
     # -- one batch ------------------------------------------------------------------------------------------
     def batch_loss(self, data, dataset):
@@ -51,14 +89,8 @@ class SeraDPOTrainer(DPOTrainer):
         chosen_ids, c_mask = chosen_ids.squeeze(1).to(device), c_mask.squeeze(1).to(device)
         reject_ids, r_mask = reject_ids.squeeze(1).to(device), r_mask.squeeze(1).to(device)
         B = chosen_ids.shape[0]
-
-        input_ids, att_masks, plens = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens)
-        log_probs, output = self.model(
-            input_ids, attention_mask=att_masks, return_output=True, return_logprobs=True,
-            ring_attn_group=self.strategy.ring_attn_group,
-        )
-        logp_sum, logp_mean = self._get_batch_logps(log_probs, att_masks, plens)
-        lengths = response_lengths(att_masks, plens).to(logp_sum.dtype)
+        logp_sum, logp_mean, lengths, output = self.policy_logps(chosen_ids, c_mask, reject_ids, r_mask,
+                                                                 prompt_id_lens)
 
         ref_c = ref_r = None
         if self.daa_loss.needs_reference:
@@ -81,7 +113,7 @@ class SeraDPOTrainer(DPOTrainer):
         loss = preference_loss + (nll_coefs * chosen_nll).mean()
         if self.nll_loss:
             loss = loss + chosen_nll.mean() * self.args.model.nll_loss_coef
-        if self.aux_loss and "aux_loss" in output:
+        if self.aux_loss and output is not None and "aux_loss" in output:
             loss = loss + output.aux_loss * self.args.model.aux_loss_coef
         return loss, preference_loss, out, chosen_nll
 
