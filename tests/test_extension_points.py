@@ -242,6 +242,7 @@ def test_trainer_multiplies_each_pair_loss_by_its_weight():
     trainer.tokenizer, trainer.strategy = SimpleNamespace(pad_token_id=0), SimpleNamespace(ring_attn_group=None)
     trainer.ref_logps = lambda dataset, idx: (torch.full((len(idx),), -6.0), torch.full((len(idx),), -6.0))
     trainer.nll_loss = trainer.aux_loss = False
+    trainer.packed = None  # the stock forward (--sera.packed_train off)
     B, L = 3, 6
     gen = torch.Generator().manual_seed(0)
     chosen, rejected = (torch.randint(1, 16, (B, 1, L), generator=gen) for _ in range(2))
