@@ -1,5 +1,5 @@
 """The main job: a full SeRA loop on the embedded SmolLM2-135M-Instruct and the packaged HH-RLHF
-harmless-base pairs, sized to finish on 2 CPU cores in about 15 minutes.
+harmless-base pairs, sized to finish on 2 idle CPU cores in about 7 minutes within 4 GB.
 
     python -m sera_openrlhf.cli.demo [--run-dir runs/demo] [--pairs 48] [--prompts 8] [any train_dpo flag ...]
 
