@@ -473,6 +473,21 @@ def packed_train_logps(packed: PackedLogprobs, items: Sequence[SequenceItem], pa
     return sums, torch.bincount(item, minlength=n)
 
 
+def packed_usable(packed: PackedLogprobs, logprob_fn: LogprobFn, items: Sequence[SequenceItem], pad_token_id: int,
+                  share_prefix: bool = True) -> bool:
+    """Whether to take the packed path for `items` (scoring and --sera.packed_train). The first informative call
+    checks it against `logprob_fn` (the model's plain forward); a disagreement disables it for good, with a
+    warning."""
+    if not packed.disabled and packed.verified is None and items:
+        with torch.no_grad():
+            packed.verified = _self_check(packed, logprob_fn, items, pad_token_id, share_prefix)
+        if packed.verified is False:
+            packed.disabled = True
+            warnings.warn("the packed scoring path disagrees with the model's plain forward (unusual logits head "
+                          "or attention masking?); using the plain forward", RuntimeWarning)
+    return not packed.disabled
+
+
 def _self_check(packed: PackedLogprobs, logprob_fn: LogprobFn, items: Sequence[SequenceItem], pad_token_id: int,
                 share_prefix: bool) -> bool:
     """Once per packed function: the packed path (prompt shared by two responses in one row) must equal the
@@ -702,14 +717,7 @@ def score_sequences(
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} / world_size {world_size} is not a valid data-parallel position")
     packed = getattr(logprob_fn, "packed", None) if bucket else None
-    if packed is not None and not packed.disabled and packed.verified is None and n:
-        with torch.no_grad():
-            packed.verified = _self_check(packed, logprob_fn, items, pad_token_id, share_prefix)
-        if packed.verified is False:
-            packed.disabled = True
-            warnings.warn("score_sequences: the packed scoring path disagrees with the model's plain forward "
-                          "(unusual logits head or attention masking?); using the plain path", RuntimeWarning)
-    if packed is not None and not packed.disabled:
+    if packed is not None and packed_usable(packed, logprob_fn, items, pad_token_id, share_prefix):
         local = _run_packed(packed, items, pad_token_id, max_tokens_per_batch, max_batch_size, share_prefix, pack,
                             rank, world_size, desc, show_progress)
     else:

@@ -13,11 +13,11 @@ import math
 import os
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from openrlhf.models import Actor
 from openrlhf.utils import get_strategy, get_tokenizer
 
+from sera_openrlhf import memory
 from sera_openrlhf.errors import ConfigError
 from sera_openrlhf.fileio import atomic_write_jsonl
 from sera_openrlhf.losses import DAALoss
@@ -97,9 +97,7 @@ class ScoringModel:
     def free(self):
         destroy_engine(self.actor)
         self.actor = self.logprob_fn = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        memory.release()  # before the next model of the same phase loads
 
 
 def destroy_engine(actor) -> None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from sera_openrlhf import events
 from sera_openrlhf.errors import NonFiniteError
 from sera_openrlhf.losses import DAALoss, PreferenceBatch
-from sera_openrlhf.scoring import SequenceItem, _self_check, actor_logprob_fn, packed_train_logps
+from sera_openrlhf.scoring import SequenceItem, actor_logprob_fn, packed_train_logps, packed_usable
 
 
 def response_lengths(att_masks: torch.Tensor, prompt_id_lens) -> torch.Tensor:
@@ -64,14 +64,7 @@ class SeraDPOTrainer(DPOTrainer):
             items = [SequenceItem(ids[m.bool()], int(p)) for ids, m, p in
                      zip([*chosen_ids, *reject_ids], [*c_mask, *r_mask], [*prompt_id_lens, *prompt_id_lens])]
             pad = self.tokenizer.pad_token_id
-            if self.packed.verified is None:
-                with torch.no_grad():
-                    self.packed.verified = _self_check(self.packed, self._stock_logprob_fn, items, pad, True)
-                if self.packed.verified is False:
-                    self.packed.disabled = True
-                    self.strategy.print("[sera] --sera.packed_train: the packed forward disagrees with this "
-                                        "model's own forward; training with the stock forward")
-            if not self.packed.disabled:
+            if packed_usable(self.packed, self._stock_logprob_fn, items, pad):
                 logp_sum, lengths = packed_train_logps(self.packed, items, pad)
                 return logp_sum, logp_sum / lengths, lengths.to(logp_sum.dtype), None
         input_ids, att_masks, plens = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens)
