@@ -70,6 +70,10 @@ class LoopConfig:
                                      check=fraction())
     converge_min_gain: float = option(0.0, "... and the mean IRM of kept pairs rose by less than this (never with "
                                       "--sera.review_refit frozen: its review does not change)", check=FINITE)
+    train_pairs: int = option(0, "Train every iteration on exactly this many pairs (0 = the whole mix): a larger "
+                              "mix is subsampled, a smaller one repeated, in a seeded order. Gives methods with "
+                              "different kept shares the same optimizer steps (a fair-compute control)",
+                              check=at_least(0))
     skip_first_training: bool = option(False, "Iteration 1 starts from --model.model_name_or_path as an already "
                                        "DPO-trained policy instead of training on all offline pairs")
     skip_invalid_pairs: bool = option(False, "Skip (and count) offline pairs with an empty response or HH "

@@ -96,6 +96,33 @@ def test_generated_pick(tmp_path, pick):
         assert picked == [r["id"] for r in read_jsonl(ctx.layout.train_set(3)) if r["id"].startswith("boot")]
 
 
+@pytest.mark.parametrize("n_mix,budget", [(10, 4), (4, 10), (3, 3)])
+def test_train_pairs_gives_every_iteration_exactly_the_budget(tmp_path, n_mix, budget):
+    """--sera.train_pairs N: a larger mix is subsampled, a smaller one repeated (unique ids, source kept), seeded;
+    the fold twins leave out every copy of their fold's pairs."""
+    ctx = context(tmp_path, train_pairs=budget, iterations=2)
+    ctx.rows = [{"id": f"o{i}", "prompt": "p", "chosen": "x", "rejected": "y"} for i in range(n_mix)]
+    write_jsonl(ctx.layout.review(2), [{"id": r["id"], "weight": 1.0} for r in ctx.rows])
+    stats = train.run(ctx, 2)
+    rows = read_jsonl(ctx.layout.train_set(2))
+    assert stats["n_train_pairs"] == len(rows) == budget and stats["n_offline"] == n_mix
+    assert len({r["id"] for r in rows}) == budget
+    assert {r.get("source_id", r["id"]) for r in rows} <= {r["id"] for r in ctx.rows}
+    if n_mix < budget:  # every pair at least once, none more than once more than another
+        counts = [sum(r.get("source_id", r["id"]) == o["id"] for r in rows) for o in ctx.rows]
+        assert min(counts) >= 1 and max(counts) - min(counts) <= 1
+    train.run(ctx, 2)
+    assert read_jsonl(ctx.layout.train_set(2)) == rows  # seeded: a resumed run trains on the same rows
+    ctx.cfg.review.crossfit_folds = 2
+    twin = train.fold_twin(ctx, 2, 0)
+    in_fold = {r["id"] for r, k in zip(ctx.rows, train.folds(ctx)) if k == 0}
+    trained = ctx.backend.trained[-1][1]
+    assert twin["n_rows"] == len(trained) and not {r.get("source_id", r["id"]) for r in trained} & in_fold
+    fp = context(tmp_path / "fp", train_pairs=budget)
+    fp.rows = ctx.rows
+    assert train.first_pass(fp)["n_train_pairs"] == budget
+
+
 def test_wandb_statistics_resume_one_run_across_the_trainers_own_runs(monkeypatch):
     """The trainer's wandb.init(reinit=True) finishes any open run; each phase's SeRA statistics must still reach
     the single `<run_name>_sera` run (resumed by id) and log in first."""

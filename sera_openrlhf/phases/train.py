@@ -20,12 +20,31 @@ def generated_share(loop: LoopConfig, t: int) -> float:
     return min(loop.generated_share_max, loop.generated_share_step * (t - 1))
 
 
+def to_budget(ctx: RunContext, t: int, rows: list) -> list:
+    """--sera.train_pairs N: exactly N rows, a seeded subsample of a larger mix, or whole shuffled passes over a
+    smaller one plus a seeded part-pass (copies get ids `<id>#<pass>`, so every row's id stays unique)."""
+    n = ctx.cfg.loop.train_pairs
+    if not n or not rows or len(rows) == n:
+        return rows
+    rng = random.Random(ctx.phase_seed(t, 7))
+    if len(rows) > n:
+        keep = set(rng.sample(range(len(rows)), n))
+        return [r for i, r in enumerate(rows) if i in keep]
+    out = list(rows)
+    while len(out) < n:
+        copy = len(out) // len(rows) + 1
+        extra = rng.sample(rows, min(len(rows), n - len(out)))
+        out += [{**r, "id": f"{r['id']}#{copy}", "source_id": r.get("source_id", r["id"])} for r in extra]
+    return out
+
+
 def first_pass(ctx: RunContext) -> dict:
     """Iteration 1: the DAA on every offline pair."""
-    ctx.write_rows(ctx.layout.train_set(1), ctx.rows)
-    stats = ctx.backend.train("iter1", ctx.rows, ctx.layout.policy(0), ctx.layout.reference(1),
+    rows = to_budget(ctx, 1, ctx.rows)
+    ctx.write_rows(ctx.layout.train_set(1), rows)
+    stats = ctx.backend.train("iter1", rows, ctx.layout.policy(0), ctx.layout.reference(1),
                               ctx.layout.policy(1))
-    return {**stats, "n_offline": len(ctx.rows), "n_generated": 0, "generated_share": 0.0}
+    return {**stats, "n_offline": len(ctx.rows), "n_generated": 0, "generated_share": 0.0, "n_train_pairs": len(rows)}
 
 
 def fold_twins_needed(ctx: RunContext, t: int) -> bool:
@@ -38,9 +57,10 @@ def fold_twins_needed(ctx: RunContext, t: int) -> bool:
 def fold_twin(ctx: RunContext, t: int, k: int) -> dict:
     """π_t's twin without offline fold k: the same start and training set as π_t, minus fold k's offline pairs
     (bootstrapped pairs stay), so it scores fold k out of sample at the next review."""
-    rows = ctx.rows if t == 1 else read_jsonl(ctx.layout.train_set(t))
+    path = ctx.layout.train_set(t)
+    rows = read_jsonl(path) if os.path.exists(path) else ctx.rows
     fold_of = dict(zip((r["id"] for r in ctx.rows), folds(ctx)))
-    rows = [r for r in rows if fold_of.get(r["id"]) != k]
+    rows = [r for r in rows if fold_of.get(r.get("source_id", r["id"])) != k]
     stats = ctx.backend.train(f"iter{t}_fold{k}", rows, ctx.layout.policy(t - 1), ctx.layout.reference(t),
                               ctx.layout.fold_policy(t, k))
     return {**stats, "fold": k, "n_rows": len(rows)}
@@ -67,9 +87,11 @@ def run(ctx: RunContext, t: int) -> dict:
     if not rows:
         raise ConfigError(f"iteration {t} has nothing to train on: self-review kept no offline pair and "
                           "bootstrapping produced none (see the warnings above)")
+    rows = to_budget(ctx, t, rows)
     ctx.write_rows(ctx.layout.train_set(t), rows)
     stats = ctx.backend.train(f"iter{t}", rows, ctx.layout.policy(t - 1), ctx.layout.reference(t),
                               ctx.layout.policy(t))
     return {**stats, "n_offline": len(offline), "n_generated": len(generated), "n_bootstrapped_pool": len(boot),
             "generated_pick": ctx.cfg.loop.generated_pick,
-            "generated_share": len(generated) / max(len(rows), 1), "generated_share_target": share}
+            "generated_share": len(generated) / max(len(offline) + len(generated), 1), "generated_share_target": share,
+            "n_train_pairs": len(rows)}
