@@ -140,3 +140,142 @@ def test_reward_agreement_and_pearson_hand_values():
     assert M.pearson([1, 1, 1], [1, 2, 3]) is None
     with pytest.raises(ValueError):
         M.pearson([1], [1, 2])
+
+
+# ------------------------------------------------------------------------------------------- SmolLM2 testbed
+
+
+def _load(name):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks", "quality"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"quality_{name}", os.path.join(REPO, "benchmarks", "quality",
+                                                                                     f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks", "quality"))
+
+
+V = _load("validity")
+
+
+def _testbed(signal: bool, n=300, seed=0):
+    """Synthetic testbed outputs: with signal, clean labels give higher gold, the implicit reward follows the gold
+    gap and flipped pairs get lower out-of-fold margins; without (shuffled labels), all of it is noise."""
+    import random
+
+    rng = random.Random(seed)
+    clean = [rng.gauss(0.5 if signal else 0.3, 0.3) for _ in range(n)]
+    noisy = [rng.gauss(0.3, 0.3) for _ in range(n)]
+    gaps = [rng.uniform(0.1, 1.5) for _ in range(n)]
+    held = [rng.gauss(g if signal else 0.0, 0.8) for g in gaps]
+    flipped = [rng.random() < 0.3 for _ in range(n)]
+    oof = [rng.gauss(-0.5 if (f and signal) else 0.5 if signal else 0.0, 1.0) for f in flipped]
+    return clean, noisy, held, gaps, oof, flipped
+
+
+def test_validity_checks_pass_with_signal_and_fail_on_shuffled_labels():
+    clean, noisy, held, gaps, oof, flipped = _testbed(signal=True)
+    checks = {"label_noise_hurts": V.check_label_noise_hurts(clean, noisy),
+              "reward_orders_heldout_pairs": V.check_reward_orders_pairs(held, gaps),
+              "oof_flip_auroc": V.check_flip_detection(oof, flipped)}
+    assert all(c["pass"] for c in checks.values()), checks
+    assert checks["reward_orders_heldout_pairs"]["larger_gap_half"] > checks["reward_orders_heldout_pairs"]["smaller_gap_half"]
+    assert checks["oof_flip_auroc"]["lo"] > 0.5 and V.verdict(checks)["has_signal"]
+    clean, noisy, held, gaps, oof, flipped = _testbed(signal=False)
+    checks = {"label_noise_hurts": V.check_label_noise_hurts(clean, noisy),
+              "reward_orders_heldout_pairs": V.check_reward_orders_pairs(held, gaps),
+              "oof_flip_auroc": V.check_flip_detection(oof, flipped)}
+    assert not any(c["pass"] for c in checks.values()), checks
+    assert checks["oof_flip_auroc"]["lo"] < 0.5 < checks["oof_flip_auroc"]["hi"]
+    verdict = V.verdict(checks)
+    assert not verdict["has_signal"] and "no signal" in verdict["message"] and len(verdict["failed"]) == 3
+
+
+def test_validity_check_one_uses_seeds_when_there_are_several():
+    # per-prompt values overlap heavily, but three seeds' means separate cleanly (and vice versa)
+    out = V.check_label_noise_hurts([0.0, 1.0] * 5, [0.0, 1.0] * 5, [0.60, 0.61, 0.62], [0.40, 0.41, 0.42])
+    assert out["pass"] and out["over"] == "seeds"
+    out = V.check_label_noise_hurts([1.0] * 10, [0.0] * 10, [0.6, 0.1, 0.9], [0.4, 0.7, 0.2])
+    assert not out["pass"]
+
+
+def test_validity_auroc_matches_the_products():
+    import random
+
+    from sera_openrlhf.selection import auroc
+
+    rng = random.Random(1)
+    scores = [round(rng.gauss(0, 1), 1) for _ in range(200)]  # rounded: ties
+    labels = [rng.random() < 0.4 for _ in scores]
+    assert V.auroc(scores, labels) == pytest.approx(auroc(scores, labels))
+    assert V.auroc([1.0, 2.0], [False, True]) == 1.0 and V.auroc([1.0], [True]) != V.auroc([1.0], [True])  # NaN
+
+
+def test_independent_degenerate_rule_and_paired_difference():
+    assert M.degenerate_kind("   ") == "empty"
+    assert M.degenerate_kind("the cat sat " * 6) == "repetitive"
+    assert M.degenerate_kind("a fine film with a strong cast") is None
+    assert M.degenerate_kind("ééééé abc") == "non_ascii"
+    assert M.degenerate_kind("a fine film", nll_init=9.0, nll_cap=5.0) == "implausible"
+    assert M.degenerate_kind("a fine film", nll_init=4.0, nll_cap=5.0) is None
+    assert M.repeated_ngram_share("a b c a b c") == pytest.approx(1 - 3 / 4)
+    assert M.quantile([3, 1, 2, 4], 0.5) == pytest.approx(2.5)
+    a, b = [1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]
+    d = M.paired_difference(a, b)
+    assert d["diff"] == pytest.approx(0.5) and d["win"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
+    assert d["lo"] <= d["diff"] <= d["hi"] and d["win_lo"] <= d["win"] <= d["win_hi"]
+    same = M.paired_difference(a, a)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0  # paired: no spread when nothing differs
+
+
+def test_random_selector_keeps_the_share_reproducibly():
+    sel = _load("random_selector")
+    from sera_openrlhf.selection import SelectionConfig
+
+    table = {"id": [f"p{i}" for i in range(20)], "irm": [float(i) for i in range(20)]}
+    cfg = SelectionConfig(keep_ratio=0.7)
+    kept = sel.random_share(table, cfg)
+    assert len(kept) == 14 and len(set(kept)) == 14 and kept == sel.random_share(table, cfg)
+    assert sorted(kept, key=lambda x: int(x[1:])) != [f"p{i}" for i in range(6, 20)]  # not the top-IRM pairs
+
+
+def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
+    """`run.py --testbed smollm2 --size smoke` end to end (a tiny model stands in for SmolLM2 via --model): the
+    validity block is computed and decides the exit code, every method trains on the same number of pairs, and
+    a second invocation resumes from the cache without training again."""
+    import json
+    import subprocess
+
+    import tiny
+
+    out = tmp_path / "q"
+    (out / "assets").mkdir(parents=True)
+    lines = [f"{i}\t0.0\t{text} {text}" for i, text in enumerate(tiny.corpus(300, seed=3))]
+    (out / "assets" / "movieReviewSnippets_GroundTruth.txt").write_text("\n".join(lines) + "\n")
+    gold = tmp_path / "gold.py"
+    gold.write_text("import tiny\n\ndef gold(prompt, response):\n    w = response.split()\n"
+                    "    return sum((x in tiny.POSITIVE) - (x in tiny.NEGATIVE) for x in w) + 0.01 * len(w)\n")
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality", "run.py"), "--testbed", "smollm2", "--size",
+           "smoke", "--model", tiny_model, "--out", str(out), "--methods", "dpo", "dpo_clean", "random", "--threads",
+           "1", "--precision", "fp32", "--gold", f"{gold}:gold"]
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "tests")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    checks = res["validity"]
+    assert {"label_noise_hurts", "reward_orders_heldout_pairs", "oof_flip_auroc"} <= set(checks)
+    assert checks["verdict"]["has_signal"] == (proc.returncode == 0) == all(
+        checks[k]["pass"] for k in ("label_noise_hurts", "reward_orders_heldout_pairs", "oof_flip_auroc"))
+    summary = res["summary"]
+    assert {"init", "dpo", "dpo_clean", "random"} <= set(summary)
+    pairs = {m: summary[m]["train_pairs"]["mean"] for m in ("dpo", "dpo_clean", "random")}
+    n = res["per_seed"][0]["pairs"]["n_pairs"]
+    assert set(pairs.values()) == {res["info"]["config"]["iterations"] * n}, pairs  # equal compute, exactly
+    assert "vs_dpo" in summary["random"] and summary["random"]["review_auroc_first"] == summary["random"]["review_auroc_first"]
+    md = (out / "results.md").read_text()
+    assert "## Validity checks" in md and "| random selection" in md and (out / "results.png").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert again.returncode == proc.returncode and " starts" not in again.stdout  # resumed: nothing retrained
+    assert json.loads((out / "results.json").read_text())["summary"]["dpo"]["guarded_gold"] == summary["dpo"]["guarded_gold"]

@@ -218,3 +218,66 @@ def pearson(x, y):
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+# ------------------------------------------------------------------------------------------- paired comparisons
+
+
+def paired_bootstrap(a, b, stat, n_boot: int = 2000, seed: int = 0):
+    """Percentile 95 % interval of stat(a_sample, b_sample) over prompts resampled together (paired)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_bootstrap needs two non-empty lists of the same length")
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(len(a)) for _ in a]
+        vals.append(stat([a[i] for i in idx], [b[i] for i in idx]))
+    vals.sort()
+    return vals[int(0.025 * n_boot)], vals[int(0.975 * n_boot) - 1]
+
+
+def paired_difference(a, b, seed: int = 0) -> dict:
+    """Mean of a - b per prompt with its paired 95 % interval, and the win rate of a over b with its interval."""
+    diff = lambda x, y: sum(x) / len(x) - sum(y) / len(y)  # noqa: E731
+    lo, hi = paired_bootstrap(a, b, diff, seed=seed)
+    wlo, whi = paired_bootstrap(a, b, win_rate, seed=seed + 1)
+    return {"diff": diff(a, b), "lo": lo, "hi": hi, "win": win_rate(a, b), "win_lo": wlo, "win_hi": whi}
+
+
+# ------------------------------------------------------------------------------------------- degenerate outputs
+# Independent of the product's own guard (sera_openrlhf.bootstrap.degenerate_reason): a method must not be judged
+# by the predicate it may have been tuned against.
+
+REPEAT_SHARE = 0.5
+NON_ASCII_SHARE = 0.2
+
+
+def repeated_ngram_share(text: str, n: int = 3) -> float:
+    """Share of the word n-grams of `text` that repeat an earlier one (0 with fewer than n + 1 words)."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if len(grams) > 1 else 0.0
+
+
+def degenerate_kind(text: str, nll_init: float | None = None, nll_cap: float | None = None):
+    """Why an output is degenerate, or None: empty; 'repetitive' (> half its word 3-grams repeat);
+    'non_ascii' (> 20 % of characters); 'implausible' (mean NLL under the initial policy above nll_cap, a
+    quantile of the initial policy's own samples)."""
+    if not text.strip():
+        return "empty"
+    if repeated_ngram_share(text) > REPEAT_SHARE:
+        return "repetitive"
+    if sum(ord(ch) > 127 for ch in text) > NON_ASCII_SHARE * len(text):
+        return "non_ascii"
+    if nll_cap is not None and nll_init is not None and nll_init > nll_cap:
+        return "implausible"
+    return None
+
+
+def quantile(values, q: float) -> float:
+    vals = sorted(float(v) for v in values if v == v)
+    if not vals:
+        raise ValueError("quantile of no values")
+    pos = q * (len(vals) - 1)
+    lo = int(pos)
+    return vals[lo] + (vals[min(lo + 1, len(vals) - 1)] - vals[lo]) * (pos - lo)

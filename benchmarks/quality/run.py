@@ -81,6 +81,13 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
+def write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------- setup / assets
 
 
@@ -218,7 +225,7 @@ def load_model(path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, tok
@@ -338,21 +345,20 @@ def method_command(name, meta, cfg, seed_dir, seed, run_dir):
     return [sys.executable, "-m", "sera_openrlhf.cli.train_dpo", *base, "--train.max_epochs", str(epochs), *extra]
 
 
-def run_method(name, meta, cfg, seed_dir, seed):
-    run_dir = os.path.join(seed_dir, name)
+def run_method(name, cmd, run_dir, seed, env=None):
+    """Run one method's command (resumable: a finished run is reused, a killed one resumes from its state)."""
     state_path = os.path.join(run_dir, "sera_state.json")
     if os.path.exists(state_path):
         with open(state_path) as f:
             if json.load(f).get("final_policy"):
                 return run_dir, 0.0, 0
-    cmd = method_command(name, meta, cfg, seed_dir, seed, run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "command.txt"), "w") as f:
         f.write(" ".join(cmd) + "\n")
     log(f"seed {seed}: {name} starts")
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **ENV})
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env or {**os.environ, **ENV})
     wall = time.time() - t0
     log(f"seed {seed}: {name} finished rc={proc.returncode} in {wall:.0f} s")
     return run_dir, wall, proc.returncode
@@ -592,7 +598,18 @@ def write_plot(out, table, methods):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--testbed", choices=("tiny", "smollm2"), default="tiny")
+    if pre.parse_known_args(argv)[0].testbed == "smollm2":
+        import smollm2
+
+        return smollm2.main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--testbed", choices=("tiny", "smollm2"), default="tiny",
+                    help="tiny: a 262k-parameter Llama pretrained on the spot (fast, but its implicit reward has no "
+                         "signal); smollm2: SmolLM2-135M-Instruct (smollm2.py; its own options: run.py --testbed "
+                         "smollm2 --help)")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/quality")
@@ -628,7 +645,9 @@ def main(argv=None):
         _, pinfo = build_pairs(seed_dir, meta, cfg, seed, gold_fn, spurious_fn, args.flip_share)
         pairs_by_id = {r["id"]: r for r in read_jsonl(os.path.join(seed_dir, "pairs.jsonl"))}
         with ThreadPoolExecutor(max_workers=args.jobs) as ex:
-            runs = dict(zip(args.methods, ex.map(lambda m: run_method(m, meta, cfg, seed_dir, seed), args.methods)))
+            runs = dict(zip(args.methods, ex.map(
+                lambda m: run_method(m, method_command(m, meta, cfg, seed_dir, seed, os.path.join(seed_dir, m)),
+                                     os.path.join(seed_dir, m), seed), args.methods)))
         res = {"seed": seed, "pairs": pinfo, "methods": {}}
         ev_path = os.path.join(seed_dir, "eval.json")
         cached = json.load(open(ev_path)) if os.path.exists(ev_path) else {}

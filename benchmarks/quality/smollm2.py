@@ -1,0 +1,495 @@
+"""The SmolLM2 testbed of the quality benchmark (`run.py --testbed smollm2`): a real pretrained LM whose implicit
+reward carries signal, validity checks that say so before any method is ranked, and the baselines reviewers ask
+for. See README.md ("SmolLM2 testbed").
+
+Per seed, under OUT/seed_<s>/: the initial policy (SmolLM2-135M-Instruct, the project's embedded model)
+continues VADER's human-rated movie-review prefixes; `pair_samples` continuations per training prompt, the gold
+reward's best and worst become a pair (ties dropped), exactly `flip_share` of the labels are flipped and the
+spurious rule may override small gold gaps. Held-out prompts give (a) held-out gold pairs for validity check 2
+and (b) evaluation prompts, continued greedily by every final policy and scored by gold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import metrics as M
+import run as R
+import validity as V
+
+SIZES = {
+    # smoke: seconds per method, for the test suite; default: one seed of every method in <= 90 min on 2 cores
+    "smoke": dict(n_prompts=12, pair_samples=4, heldout_prompts=8, n_eval_prompts=8, max_new_tokens=8, max_len=32,
+                  prompt_words=5, boot_prompts=4, boot_samples=2, iterations=2, batch_size=4, micro_batch_size=4,
+                  lr=2e-5, gen_batch=64, hh_train=0, hh_eval=0),
+    "default": dict(n_prompts=384, pair_samples=4, heldout_prompts=192, n_eval_prompts=192, max_new_tokens=24,
+                    max_len=64, prompt_words=5, boot_prompts=128, boot_samples=4, iterations=3, batch_size=16,
+                    micro_batch_size=8, lr=2e-5, gen_batch=128, hh_train=96, hh_eval=128),
+}
+BETA = 0.1  # OpenRLHF's default --model.beta, used by every DPO-family method
+FLIP = 0.3
+
+METHODS = {
+    # name -> (label, offline?, extra flags). Offline methods train T epochs in one iteration; iterative ones T
+    # iterations of exactly N pairs each (--sera.train_pairs N), so every method trains on T x N pairs.
+    "dpo": ("offline DPO", True, []),
+    "cdpo": ("cDPO, eps = flip share", True, ["--model.label_smoothing", str(FLIP)]),
+    "rdpo": ("rDPO (robust), eps = flip share", True, ["--sera.loss", "robust", "--model.label_smoothing", str(FLIP)]),
+    "iterdpo": ("plain iterative DPO (no review, no ensemble, no guard, no NLL)", False,
+                ["--sera.keep_ratio", "1.0", "--sera.ensemble_k", "1", "--sera.ensemble_lambda", "1.0",
+                 "--sera.no_fluency_guard", "--sera.bootstrap_nll_coef", "0"]),
+    "random": ("random selection at SeRA's kept share", False,
+               ["--sera.generated_share_max", "0", "--sera.selector", "SELECTORS:random_share"]),
+    "sera_ss": ("SeRA-SS (self-review only)", False, ["--sera.generated_share_max", "0"]),
+    "sera": ("full SeRA (defaults)", False, []),
+    "sera_simpo": ("full SeRA with SimPO (beta 2, gamma 0.5)", False,
+                   ["--sera.loss", "simpo", "--model.beta", "2.0"]),
+    # reference points: they read the gold labels
+    "dpo_oracle": ("offline DPO, gold-wrong pairs removed (perfect review)", True, []),
+    "dpo_clean": ("offline DPO on gold labels (clean labels)", True, []),
+}
+DEFAULT_METHODS = list(METHODS)
+GOLD_DATA = {"dpo_oracle": "pairs_oracle.jsonl", "dpo_clean": "pairs_clean.jsonl"}
+
+
+def env(threads):
+    return {**os.environ, **R.ENV, "OMP_NUM_THREADS": str(threads)}
+
+
+# ------------------------------------------------------------------------------------------- testbed and data
+
+
+def prompts(assets, cfg):
+    """(train prompts, held-out prompts): the first `prompt_words` words of VADER's snippets, split 90/10."""
+    train, held = R.split_snippets(R.load_snippets(R.ensure_vader(assets)))
+    make = lambda rows: [p for p in (R.make_prompt(t, cfg["prompt_words"]) for _, _, t in rows) if p]  # noqa: E731
+    return make(train), make(held)
+
+
+def model_dir(path=None):
+    """--model, else the project's embedded SmolLM2-135M-Instruct (converted once from its PyPI package)."""
+    if path:
+        return os.path.abspath(path)
+    from sera_openrlhf.assets import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+def generate(path, prompts_, n, cfg, seed, temperature=1.0):
+    from sera_openrlhf.generation import GenerationConfig, build_generator
+
+    model, tok = R.load_model(path)
+    gcfg = GenerationConfig(num_samples=n, temperature=temperature, top_p=1.0, max_new_tokens=cfg["max_new_tokens"],
+                            seed=seed, batch_size=cfg["gen_batch"])
+    return build_generator("hf", tok, gcfg, model=model).generate(list(prompts_))
+
+
+def sampled(seed_dir, name, path, prompts_, n, cfg, seed):
+    """Samples of the initial policy, cached as OUT/seed_<s>/<name>.jsonl (one row per prompt)."""
+    out = os.path.join(seed_dir, f"{name}.jsonl")
+    if os.path.exists(out):
+        return R.read_jsonl(out)
+    t0 = time.time()
+    rows = [{"prompt": p, "texts": [s.text for s in g], "token_ids": [s.token_ids for s in g]}
+            for p, g in zip(prompts_, generate(path, prompts_, n, cfg, seed))]
+    R.write_jsonl(out, rows)
+    R.log(f"{name}: {len(rows)} prompts x {n} samples in {time.time() - t0:.0f} s")
+    return rows
+
+
+def best_worst(rows, samples, gold_fn, prefix):
+    """One item per prompt: the gold-best and gold-worst of its first `samples` distinct continuations (with
+    2 samples: the two), as label_pairs' (a, b); prompts whose samples all tie are left out."""
+    items = []
+    for n, r in enumerate(rows):
+        texts = [t for t in dict.fromkeys(r["texts"][:samples]) if t.strip()]
+        if len(texts) < 2:
+            continue
+        scored = sorted(texts, key=lambda t: gold_fn(r["prompt"], t))
+        items.append({"id": f"{prefix}{n}", "prompt": r["prompt"], "a": scored[-1], "b": scored[0]})
+    return items
+
+
+def build_pairs(seed_dir, model, train_prompts, cfg, seed, gold_fn, spurious_fn, n_prompts=None, samples=None):
+    """The seed's noisy preference set (pairs.jsonl) and info; n_prompts/samples vary the construction (sweep)."""
+    n_prompts, samples = n_prompts or cfg["n_prompts"], samples or cfg["pair_samples"]
+    tag = "" if (n_prompts, samples) == (cfg["n_prompts"], cfg["pair_samples"]) else f"_{samples}x{n_prompts}"
+    path, info_path = os.path.join(seed_dir, f"pairs{tag}.jsonl"), os.path.join(seed_dir, f"pairs{tag}_info.json")
+    if os.path.exists(path) and os.path.exists(info_path):
+        return path, json.load(open(info_path))
+    rows = sampled(seed_dir, "train_samples", model, train_prompts, cfg["pair_samples"], cfg, 10_000 + seed)
+    items = best_worst(rows[:n_prompts], samples, gold_fn, "pair")
+    pairs, info = M.label_pairs(items, gold_fn, spurious_fn, FLIP, seed)
+    gaps = sorted(abs(r["gold_chosen"] - r["gold_rejected"]) for r in pairs)
+    info.update({"pair_samples": samples, "n_prompts": n_prompts, "median_gold_gap": gaps[len(gaps) // 2]})
+    R.write_jsonl(path, pairs)
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    return path, info
+
+
+def gold_derived(seed_dir, pairs_path, name):
+    """pairs_oracle: only the gold-agreeing pairs; pairs_clean: every pair with its gold label."""
+    path = os.path.join(seed_dir, os.path.basename(pairs_path).replace("pairs", GOLD_DATA[name][:-6], 1))
+    if not os.path.exists(path):
+        out = []
+        for r in R.read_jsonl(pairs_path):
+            if r["gold_wrong"] and name == "dpo_clean":
+                r = {**r, "chosen": r["rejected"], "rejected": r["chosen"], "gold_chosen": r["gold_rejected"],
+                     "gold_rejected": r["gold_chosen"], "gold_wrong": False}
+            if not r["gold_wrong"]:
+                out.append(r)
+        R.write_jsonl(path, out)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+
+def command(name, model, data, n_pairs, cfg, seed_dir, seed, run_dir, precision):
+    """The product's entry point with the same stock flags for every method; equal training pairs (T x N)."""
+    label, offline, extra = METHODS[name]
+    T = cfg["iterations"]
+    extra = [x.replace("SELECTORS", os.path.join(R.HERE, "random_selector.py")) for x in extra]
+    base = ["--model.model_name_or_path", model, "--data.dataset", data, "--data.prompt_key", "prompt",
+            "--data.max_len", str(cfg["max_len"]), "--train.batch_size", str(cfg["batch_size"]),
+            "--train.micro_batch_size", str(cfg["micro_batch_size"]), "--ds.zero_stage", "0",
+            "--sera.precision", precision, "--sera.packed_train", "--adam.lr", str(cfg["lr"]),
+            "--train.seed", str(seed), "--ckpt.output_dir", run_dir, "--sera.enable", "--sera.keep_truncated",
+            "--sera.prompts", os.path.join(seed_dir, "boot_prompts.jsonl"),
+            "--sera.num_samples", str(cfg["boot_samples"]), "--sera.max_new_tokens", str(cfg["max_new_tokens"]),
+            "--sera.generation_batch_size", str(cfg["gen_batch"])]
+    if offline:  # T x N pairs in one iteration (the gold-derived sets are repeated up to it)
+        budget = ["--sera.iterations", "1", "--train.max_epochs", "1", "--sera.train_pairs", str(T * n_pairs)]
+    else:
+        budget = ["--sera.iterations", str(T), "--train.max_epochs", "1", "--sera.train_pairs", str(n_pairs)]
+    return [sys.executable, "-m", "sera_openrlhf.cli.train_dpo", *base, *budget, *extra]
+
+
+def run_methods(names, model, pairs_path, n_pairs, cfg, seed_dir, seed, threads, precision):
+    out = {}
+    for name in names:
+        data = gold_derived(seed_dir, pairs_path, name) if name in GOLD_DATA else pairs_path
+        run_dir = os.path.join(seed_dir, name)
+        cmd = command(name, model, data, n_pairs, cfg, seed_dir, seed, run_dir, precision)
+        out[name] = R.run_method(name, cmd, run_dir, seed, env(threads))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- measurement
+
+
+def evaluate(policy, init, eval_prompts, cfg, gold_fn, nll_cap):
+    """Greedy continuations of the held-out prompts: gold, independent degenerate flags, guarded gold."""
+    groups = generate(policy, eval_prompts, 1, cfg, seed=0, temperature=0.0)
+    texts = [g[0].text for g in groups]
+    nll = R.response_nll(init, eval_prompts, [g[0].token_ids for g in groups])
+    gold = [float(gold_fn(p, t)) for p, t in zip(eval_prompts, texts)]
+    kinds = [M.degenerate_kind(t, n, nll_cap) for t, n in zip(texts, nll)]
+    return {"texts": texts, "gold": gold, "nll_init": nll, "degenerate": [k is not None for k in kinds],
+            "degenerate_kind": kinds, "guarded": M.guarded(gold, [k is not None for k in kinds]),
+            "length": [len(g[0].token_ids) for g in groups]}
+
+
+def cached(path, key, fn):
+    """fn() stored under `key` in the JSON file at `path` (atomic), so a killed run resumes."""
+    data = json.load(open(path)) if os.path.exists(path) else {}
+    if key not in data:
+        data[key] = fn()
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    return data[key]
+
+
+def validity(seed_dir, model, pairs_path, cfg, seed, threads, precision, held, held_irm_clean, evals, cache):
+    """The three checks for one preference set: gold-label vs noisy-label DPO (check 1), the gold-label policy's
+    ordering of held-out gold pairs (check 2), and the out-of-fold flip AUROC of noisy-label DPO (check 3: two
+    folds, each scored by a DPO policy trained on the other one only)."""
+    pairs = R.read_jsonl(pairs_path)
+    folds = [[r for i, r in enumerate(pairs) if i % 2 == k] for k in (0, 1)]
+    oof = {}
+    for k in (0, 1):
+        path = os.path.join(seed_dir, f"fold{k}_train.jsonl")
+        if not os.path.exists(path):
+            R.write_jsonl(path, folds[1 - k])
+        run_dir = os.path.join(seed_dir, f"fold{k}")
+        cmd = command("dpo", model, path, len(folds[1 - k]), cfg, seed_dir, seed, run_dir, precision)
+        _, _, rc = R.run_method(f"fold{k}", cmd, run_dir, seed, env(threads))
+        if rc:
+            raise SystemExit(f"validity: the fold {k} run failed; see {run_dir}/stdout.log")
+        policy = json.load(open(os.path.join(run_dir, "sera_state.json")))["final_policy"]
+        oof[k] = irm(logps_cache(cache, f"fold{k}_policy", policy, folds[k]),
+                     logps_cache(cache, f"fold{k}_init", model, folds[k]))
+    checks = {
+        "label_noise_hurts": V.check_label_noise_hurts(evals["dpo_clean"]["guarded"], evals["dpo"]["guarded"]),
+        "reward_orders_heldout_pairs": V.check_reward_orders_pairs(
+            held_irm_clean, [r["gold_chosen"] - r["gold_rejected"] for r in held]),
+        "oof_flip_auroc": V.check_flip_detection(oof[0] + oof[1], [r["flipped"] for r in folds[0] + folds[1]]),
+    }
+    return {**checks, "verdict": V.verdict(checks)}
+
+
+def logps_cache(path, key, policy, rows):
+    """(chosen, rejected) response log-prob sums of pairs under a policy, cached."""
+    def fn():
+        ps = [r["prompt"] for r in rows]
+        return [R.response_logps(policy, ps, [r[side] for r in rows])[0] for side in ("chosen", "rejected")]
+    return cached(path, key, fn)
+
+
+def irm(policy_lp, init_lp, beta=BETA):
+    (pc, pr), (ic, ir) = policy_lp, init_lp
+    return [beta * ((a - c) - (b - d)) for a, b, c, d in zip(pc, pr, ic, ir)]
+
+
+def heldout_pairs(rows, gold_fn):
+    out = []
+    for it in best_worst(rows, len(rows[0]["texts"]), gold_fn, "held"):
+        ga, gb = gold_fn(it["prompt"], it["a"]), gold_fn(it["prompt"], it["b"])
+        if ga != gb:
+            out.append({"id": it["id"], "prompt": it["prompt"], "chosen": it["a"], "rejected": it["b"],
+                        "gold_chosen": ga, "gold_rejected": gb})
+    return out
+
+
+def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, tokenizer, model):
+    import random
+
+    assets = os.path.join(out, "assets")
+    seed_dir = os.path.join(out, f"seed_{seed}")
+    os.makedirs(seed_dir, exist_ok=True)
+    train_p, held_p = prompts(assets, cfg)
+    pool = list(train_p)
+    random.Random(seed).shuffle(pool)
+    pairs_path, pinfo = build_pairs(seed_dir, model, pool[:cfg["n_prompts"]], cfg, seed, gold_fn, spurious_fn)
+    boot = pool[cfg["n_prompts"]: cfg["n_prompts"] + cfg["boot_prompts"]]
+    if not os.path.exists(os.path.join(seed_dir, "boot_prompts.jsonl")):
+        R.write_jsonl(os.path.join(seed_dir, "boot_prompts.jsonl"), [{"id": f"bp{n}", "prompt": p} for n, p in enumerate(boot)])
+    eval_prompts = held_p[:cfg["n_eval_prompts"]]
+    held_rows = sampled(seed_dir, "heldout_samples", model,
+                        held_p[cfg["n_eval_prompts"]: cfg["n_eval_prompts"] + cfg["heldout_prompts"]],
+                        cfg["pair_samples"], cfg, 20_000 + seed)
+    held = heldout_pairs(held_rows, gold_fn)
+    cache = os.path.join(seed_dir, "measure_cache.json")
+    # the independent "implausible" rule: NLL under pi0 above the 99th percentile of pi0's own samples
+    nll_cap = cached(cache, "nll_cap", lambda: M.quantile(R.response_nll(
+        model, [r["prompt"] for r in held_rows for _ in r["token_ids"]],
+        [ids for r in held_rows for ids in r["token_ids"]]), 0.99))
+    pairs = R.read_jsonl(pairs_path)
+    n_pairs = len(pairs)
+    runs = run_methods(methods, model, pairs_path, n_pairs, cfg, seed_dir, seed, threads, precision)
+    init_held = logps_cache(cache, "init_heldout", model, held)
+    res = {"seed": seed, "pairs": pinfo, "n_heldout_pairs": len(held), "nll_cap": nll_cap, "methods": {}}
+    evals = {"init": cached(cache, "eval_init", lambda: evaluate(model, model, eval_prompts, cfg, gold_fn, nll_cap))}
+    pairs_by_id = {r["id"]: r for r in pairs}
+    for m in methods:
+        run_dir, wall, rc = runs[m]
+        if rc:
+            res["methods"][m] = {"error": f"exit {rc}, see {run_dir}/stdout.log"}
+            continue
+        info = R.count_tokens(run_dir, tokenizer, cfg["max_len"])
+        info["wall_seconds"] = cached(cache, f"wall_{m}", lambda: wall)
+        policy = info["final_policy"]
+        evals[m] = cached(cache, f"eval_{m}", lambda: evaluate(policy, model, eval_prompts, cfg, gold_fn, nll_cap))
+        held_irm = irm(logps_cache(cache, f"heldout_{m}", policy, held), init_held)
+        if m == "dpo_clean":
+            held_irm_clean = held_irm
+        rs = R.review_stats(run_dir, pairs_by_id) if m not in GOLD_DATA else []
+        res["methods"][m] = {**info, "heldout_irm_accuracy": V.check_reward_orders_pairs(
+            held_irm, [r["gold_chosen"] - r["gold_rejected"] for r in held])["accuracy"],
+            "review_auroc_flipped": [r["auroc_flipped"] for r in rs],
+            "review_flipped_share_dropped": [r["flipped_share_dropped"] for r in rs]}
+    res["validity"] = validity(seed_dir, model, pairs_path, cfg, seed, threads, precision, held, held_irm_clean,
+                               evals, cache)
+    for m, ev in evals.items():
+        summ = res["methods"].setdefault(m, {})
+        kinds = [k for k in ev["degenerate_kind"] if k]
+        summ.update({"guarded_gold": V.mean(ev["guarded"]), "mean_gold": V.mean(ev["gold"]),
+                     "degenerate_share": V.mean(ev["degenerate"]),
+                     "degenerate_kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
+                     "mean_length": V.mean(ev["length"]), "nll_init": V.mean(ev["nll_init"])})
+        for base in ("dpo", "cdpo", "init"):
+            if base in evals and base != m:
+                summ[f"vs_{base}"] = M.paired_difference(ev["guarded"], evals[base]["guarded"], seed=seed)
+    res["guarded"] = {m: ev["guarded"] for m, ev in evals.items()}
+    return res
+
+
+# ------------------------------------------------------------------------------------------- aggregate and report
+
+KEYS = ("guarded_gold", "mean_gold", "degenerate_share", "mean_length", "nll_init", "heldout_irm_accuracy",
+        "train_pairs", "train_tokens", "review_scoring_tokens", "generated_tokens", "wall_seconds")
+
+
+def aggregate(per_seed, methods):
+    table = {}
+    for m in ["init"] + methods:
+        rows = [s for s in per_seed if m in s["guarded"]]
+        if not rows:
+            continue
+        agg = {"n_seeds": len(rows)}
+        for key in KEYS:
+            vals = [s["methods"][m][key] for s in rows if s["methods"][m].get(key) is not None]
+            if vals:
+                agg[key] = {"mean": V.mean(vals), "values": vals}
+        pooled = [g for s in rows for g in s["guarded"][m]]
+        mean, lo, hi = V.interval(pooled, [V.mean(s["guarded"][m]) for s in rows])
+        agg["guarded_gold"].update({"lo": lo, "hi": hi, "over": "seeds" if len(rows) >= 2 else "prompts"})
+        firsts = [s["methods"][m]["review_auroc_flipped"][0] for s in rows
+                  if s["methods"][m].get("review_auroc_flipped")]
+        if firsts:
+            agg["review_auroc_first"] = V.mean(firsts)
+        for base in ("dpo", "cdpo", "init"):
+            if m != base and all(base in s["guarded"] for s in rows):
+                agg[f"vs_{base}"] = M.paired_difference(pooled, [g for s in rows for g in s["guarded"][base]])
+        table[m] = agg
+    # validity over seeds: check 1 on the seeds' means (>= 2 seeds), checks 2-3 must pass on every seed
+    checks = {"label_noise_hurts": V.check_label_noise_hurts(
+        [g for s in per_seed for g in s["guarded"]["dpo_clean"]], [g for s in per_seed for g in s["guarded"]["dpo"]],
+        [V.mean(s["guarded"]["dpo_clean"]) for s in per_seed], [V.mean(s["guarded"]["dpo"]) for s in per_seed])}
+    for name in ("reward_orders_heldout_pairs", "oof_flip_auroc"):
+        per = [s["validity"][name] for s in per_seed]
+        checks[name] = {**per[0], "per_seed": per, "pass": all(c["pass"] for c in per)} if len(per) == 1 else {
+            "per_seed": per, "pass": all(c["pass"] for c in per)}
+    return table, {**checks, "verdict": V.verdict(checks)}
+
+
+def fmt_ci(mean, lo, hi, digits=3, signed=False):
+    f = (lambda v: f"{v:+.{digits}f}") if signed else (lambda v: f"{v:.{digits}f}")
+    return f(mean) + (f" [{f(lo)}, {f(hi)}]" if lo is not None else "")
+
+
+def validity_lines(checks):
+    c1, c2, c3 = (checks[k] for k in ("label_noise_hurts", "reward_orders_heldout_pairs", "oof_flip_auroc"))
+    ok = lambda c: "**pass**" if c["pass"] else "**FAIL**"  # noqa: E731
+    lines = [f"1. Gold-label DPO beats noisy-label DPO on guarded gold, non-overlapping 95 % intervals (over "
+             f"{c1['over']}): clean {fmt_ci(c1['clean']['mean'], c1['clean']['lo'], c1['clean']['hi'])} vs noisy "
+             f"{fmt_ci(c1['noisy']['mean'], c1['noisy']['lo'], c1['noisy']['hi'])}: {ok(c1)}"]
+    for s in c2["per_seed"]:
+        lines.append(f"2. The gold-label DPO policy's implicit reward orders {s['n']} held-out gold pairs "
+                     f"{100 * s['accuracy']:.1f} % [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}] (larger-gap half "
+                     f"{100 * s['larger_gap_half']:.1f} %, smaller-gap half {100 * s['smaller_gap_half']:.1f} %; "
+                     f"needs >= {100 * s['threshold']:.0f} %): {ok(s)}")
+    for s in c3["per_seed"]:
+        lines.append(f"3. Out-of-fold flip-detection AUROC of noisy-label DPO's IRM on the noisy set ({s['n']} pairs, "
+                     f"{s['n_flipped']} flipped, 2 folds): {s['auroc']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}] "
+                     f"(needs the interval above 0.5): {ok(s)}")
+    return lines + ["", f"**Verdict: {checks['verdict']['message']}.**"]
+
+
+def write_report(out, table, checks, methods, info):
+    labels = {"init": "initial policy (SmolLM2-135M-Instruct)", **{m: METHODS[m][0] for m in METHODS}}
+    lines = [f"# Alignment quality, SmolLM2 testbed: size {info['size']}, seeds {info['seeds']}", "",
+             f"`{info['command']}`", "", "## Validity checks", ""] + validity_lines(checks) + ["", "## Methods", ""]
+    if not checks["verdict"]["has_signal"]:
+        lines += ["The testbed has no signal, so the table below is **not a ranking** of methods.", ""]
+    lines += ["Guarded gold = VADER compound of the greedy continuation of held-out prompts, 0 for a degenerate one "
+              "(independent rule: empty, > 50 % repeated word 3-grams, > 20 % non-ASCII, or NLL under the initial "
+              "policy above the 99th percentile of its own samples). [lo, hi]: 95 % intervals (t over seeds with >= "
+              "2 seeds, else bootstrap over prompts); differences and win rates: paired bootstrap over prompts. "
+              "Every method trains on the same number of pairs (T x N, `--sera.train_pairs`), so the same "
+              "optimizer steps; tokens are counted from the run directories.", "",
+              "| method | guarded gold | vs offline DPO | win vs DPO | vs cDPO | degenerate | held-out IRM acc. | "
+              "review AUROC (flips) | train pairs | train tok | review tok | generated tok | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in ["init"] + methods:
+        a = table.get(m)
+        if not a:
+            continue
+        g = a["guarded_gold"]
+        d, c = a.get("vs_dpo"), a.get("vs_cdpo")
+        num = lambda k, f="{:.0f}": f.format(a[k]["mean"]) if k in a else "–"  # noqa: E731
+        auroc = f"{a['review_auroc_first']:.3f}" if "review_auroc_first" in a else "–"
+        lines.append(
+            f"| {labels[m]} | {fmt_ci(g['mean'], g['lo'], g['hi'])} | "
+            f"{fmt_ci(d['diff'], d['lo'], d['hi'], signed=True) if d else '–'} | "
+            f"{fmt_ci(d['win'], d['win_lo'], d['win_hi'], digits=2) if d else '–'} | "
+            f"{fmt_ci(c['diff'], c['lo'], c['hi'], signed=True) if c else '–'} | "
+            f"{100 * a['degenerate_share']['mean']:.1f} % | {num('heldout_irm_accuracy', '{:.3f}')} | {auroc} | ")
+        lines[-1] += (f"{num('train_pairs')} | {num('train_tokens')} | {num('review_scoring_tokens')} | "
+                      f"{num('generated_tokens')} | {num('wall_seconds')} |")
+    text = "\n".join(lines) + "\n"
+    R.write_text(os.path.join(out, "results.md"), text)
+    return text
+
+
+def write_plot(out, table, methods):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in ["init"] + methods if m in table]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    g = [table[m]["guarded_gold"] for m in names]
+    axes[0].bar(range(len(names)), [x["mean"] for x in g], color="tab:blue",
+                yerr=[[x["mean"] - x["lo"] if x["lo"] is not None else 0 for x in g],
+                      [x["hi"] - x["mean"] if x["hi"] is not None else 0 for x in g]], capsize=3)
+    axes[0].set_title("guarded gold, held-out prompts (95 % interval)")
+    acc = [table[m].get("heldout_irm_accuracy", {}).get("mean", float("nan")) for m in names]
+    axes[1].bar(range(len(names)), acc, color="tab:orange")
+    axes[1].axhline(0.5, color="k", lw=0.8, ls="--")
+    axes[1].set_title("implicit reward orders held-out gold pairs (share)")
+    for ax in axes:
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "results.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="run.py --testbed smollm2", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--testbed", default="smollm2")
+    ap.add_argument("--size", choices=sorted(SIZES), default="default")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--out", default="runs/quality_smollm2")
+    ap.add_argument("--gold", default="metrics:vader_gold", help="module:function or file.py:function, "
+                    "f(prompt, response) -> float, higher is better")
+    ap.add_argument("--spurious", default="metrics:prefer_longer", help="module:function or file.py:function, "
+                    "f(prompt, a, b, gold_a, gold_b) -> 0, 1 or None")
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS))
+    ap.add_argument("--model", default=None, help="initial policy directory (default: the embedded "
+                    "SmolLM2-135M-Instruct); the smoke test passes a tiny model")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="--sera.precision of every run (auto: bf16 only where this machine runs it faster)")
+    args = ap.parse_args(argv)
+    for need in ("dpo", "dpo_clean"):  # the validity checks and the baseline of every comparison
+        if need not in args.methods:
+            args.methods.insert(0, need)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    cfg = SIZES[args.size]
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "assets"), exist_ok=True)
+    gold_fn, spurious_fn = M.load_callable(args.gold), M.load_callable(args.spurious)
+    from transformers import AutoTokenizer
+
+    model = model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    t0 = time.time()
+    per_seed = []
+    for seed in args.seeds:
+        per_seed.append(seed_run(out, seed, cfg, args.methods, gold_fn, spurious_fn, args.threads, args.precision,
+                                 tokenizer, model))
+        table, checks = aggregate(per_seed, args.methods)
+        info = {"testbed": "smollm2", "size": args.size, "seeds": [s["seed"] for s in per_seed], "config": cfg,
+                "flip_share": FLIP, "beta": BETA, "gold": args.gold, "spurious": args.spurious,
+                "training": "full fine-tuning, fp32 or bf16 per --sera.precision, ZeRO-0, packed training",
+                "threads": args.threads, "wall_seconds_this_invocation": round(time.time() - t0, 1),
+                "command": " ".join(["python benchmarks/quality/run.py"] + list(argv))}
+        R.write_text(os.path.join(out, "results.json"), json.dumps(
+            {"info": info, "validity": checks, "summary": table,
+             "per_seed": [{k: v for k, v in s.items() if k != "guarded"} for s in per_seed]}, indent=1))
+        md = write_report(out, table, checks, args.methods, info)
+        write_plot(out, table, args.methods)
+        R.log(f"seed {seed} done\n{md}")
+    return 0 if checks["verdict"]["has_signal"] else 3
