@@ -163,12 +163,22 @@ class BootstrapConfig:
     top_p: float = option(1.0, "Nucleus sampling threshold", check=fraction(low_open=True))
     max_new_tokens: int = option(128, "Response length cap; a response without EOS within it is 'truncated'",
                                  check=at_least(1))
-    generation_batch_size: int = option(16, "HF backend: sequences (prompts x samples) per generate call",
+    generation_batch_size: int = option(16, "HF backend: sequences per generate call, in blocks of whole prompts "
+                                        "(max(1, this // --sera.num_samples) prompts; data-parallel ranks take whole "
+                                        "blocks, so the samples do not depend on the number of ranks)",
                                         check=at_least(1))
     generation_backend: str = option("hf", "hf (transformers generate, CPU/GPU) or vllm (GPU only)",
                                      choices=("hf", "vllm"))
-    vllm_tensor_parallel_size: int = option(1, "vLLM tensor parallel size", check=at_least(1))
-    vllm_gpu_memory_utilization: float = option(0.5, "vLLM GPU memory share", check=fraction(low_open=True))
+    vllm_tensor_parallel_size: int = option(1, "vLLM tensor parallel size (of each engine with "
+                                            "--sera.vllm_engines; > 1 in process: data-parallel rank 0 generates "
+                                            "everything)", check=at_least(1))
+    vllm_gpu_memory_utilization: float = option(0.5, "vLLM GPU memory share (in process: at most 90 percent of what is "
+                                                "free when the engine is built)", check=fraction(low_open=True))
+    vllm_engines: int = option(0, "With --sera.generation_backend vllm: N > 0 generates on N of OpenRLHF's "
+                               "Ray-managed vLLM engines (created once per run on the Ray cluster's GPUs at "
+                               "RAY_ADDRESS, or a local one; weights synced from the DeepSpeed model after each "
+                               "training phase); 0 builds an engine in process for each generation phase",
+                               check=at_least(0))
     ensemble_mode: str = option("last_k", "last_k: weighted mean over the last K policies; exp: exponential decay "
                                 "over all", choices=("last_k", "exp"))
     ensemble_k: int = option(2, "K policies in last_k mode", check=at_least(1))
@@ -272,6 +282,9 @@ class SeraConfig:
         if refit == "frozen" and not folds and self.loop.skip_first_training:
             raise ConfigError("--sera.review_refit frozen without --sera.crossfit_folds scores with the first-pass "
                               "policy, which --sera.skip_first_training skips")
+        if self.bootstrap.vllm_engines and self.bootstrap.generation_backend != "vllm":
+            raise ConfigError(f"--sera.vllm_engines {self.bootstrap.vllm_engines} needs --sera.generation_backend "
+                              "vllm")
         bootstraps = self.loop.iterations > 1 and self.loop.generated_share_max > 0
         if bootstraps and self.bootstrap.num_samples < 2:
             raise ConfigError(f"--sera.num_samples must be >= 2 to form a (chosen, rejected) pair, got "

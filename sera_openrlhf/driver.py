@@ -17,6 +17,7 @@ import time
 
 from sera_openrlhf import events, memory
 from sera_openrlhf.config import SeraConfig
+from sera_openrlhf.errors import ConfigError
 from sera_openrlhf.losses import DAALoss
 from sera_openrlhf.metrics import LoggerSettings, PhaseMetrics
 from sera_openrlhf.phases import RunContext
@@ -44,8 +45,13 @@ class Driver:
         events.current_phase = key
         events.emit(f"{key}:start")
         memory.reset_peak()
+        take_load = getattr(self.ctx.backend, "take_load", None)  # stand-in backends may not count work
+        if take_load is not None:
+            take_load()
         start = time.time()
         stats = fn()
+        if take_load is not None:
+            stats = {**stats, **take_load()}  # generated_per_rank / scored_per_rank: the work of each DP rank
         memory.release()  # the phase's models are gone: give their memory back before the next phase loads its own
         self.ctx.backend.barrier()
         events.emit(f"{key}:end")
@@ -99,6 +105,39 @@ def eval_rows(args, spec: DataSpec):
     return load_offline(spec.for_eval(args.eval.dataset, args.eval.split)).rows
 
 
+def check_shared_run_dir(root: str, writer: bool) -> None:
+    """Global rank 0 writes the run directory and every rank reads it (checkpoints, samples, selections), so
+    every node must see it: rank 0 writes a token file there and each rank looks for it. Raises one ConfigError,
+    on every rank, naming the hosts that cannot see it."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    token = [os.urandom(8).hex() if writer else None]
+    path = os.path.join(root, ".shared_fs_check")
+    if writer:
+        os.makedirs(root, exist_ok=True)
+        with open(path, "w", encoding="ascii") as f:
+            f.write(token[0])
+    dist.broadcast_object_list(token, src=0)
+    try:
+        with open(path, encoding="ascii") as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (seen, socket.gethostname(), dist.get_rank()))
+    if writer:
+        os.remove(path)
+    blind = sorted({f"{host} (rank {rank})" for ok, host, rank in everyone if not ok})
+    if blind:
+        raise ConfigError(f"the run directory {root} (--sera.run_dir, default --ckpt.output_dir) is not visible from "
+                          f"{', '.join(blind)}: every node reads the checkpoints and sets that global rank 0 "
+                          "writes there, so it must be on a file system all nodes share (NFS, Lustre, ...)")
+
+
 def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
     """Entry point of `--sera.enable` (cfg already validated). Returns the final policy's directory."""
     from sera_openrlhf.openrlhf_adapter.backend import OpenRLHFBackend
@@ -112,6 +151,7 @@ def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
     bootstraps = cfg.loop.iterations > 1 and cfg.loop.generated_share_max > 0
     prompts = load_prompts(spec, offline) if bootstraps else []
     strategy = setup_strategy(args)
+    check_shared_run_dir(layout.root, strategy.is_rank_0())
     lock = RunLock(layout.lock) if strategy.is_rank_0() else None
     try:
         state = RunState(layout.state, dump_args(args), cfg.loop.force_resume, strategy.is_rank_0(),
@@ -129,7 +169,10 @@ def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
         state.save()
         ctx = RunContext(cfg, layout, state, backend, daa_loss, spec, offline.rows, offline.use_prompt_key,
                          prompts, args.train.seed)
-        final = Driver(ctx, PhaseMetrics(logger_settings(args), strategy.is_rank_0())).run()
+        try:
+            final = Driver(ctx, PhaseMetrics(logger_settings(args), strategy.is_rank_0())).run()
+        finally:
+            backend.close()
         if strategy.is_rank_0():
             from sera_openrlhf.report import write_report
 

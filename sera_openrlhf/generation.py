@@ -33,7 +33,8 @@ _FLAGS = {"num_samples": "num_samples", "temperature": "temperature", "top_p": "
 @dataclass
 class GenerationConfig:
     """Sampling settings shared by the backends: the `--sera.*` generation flags (defaults and valid values from
-    `sera_openrlhf.config.BootstrapConfig`) plus the sampling seed (same seed and batch size, same samples)."""
+    `sera_openrlhf.config.BootstrapConfig`) plus the phase's sampling seed (each request's seed derives from it
+    and the prompt's key: same seed, same samples)."""
 
     num_samples: int = BootstrapConfig.num_samples
     temperature: float = BootstrapConfig.temperature
@@ -83,14 +84,51 @@ def _cut_at_eos(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return ids, True
 
 
+def prompt_blocks(n_prompts: int, num_samples: int, batch_size: int) -> list[list[int]]:
+    """Prompt indices cut into blocks of whole prompts, max(1, batch_size // num_samples) each: one HF generate
+    call per block (a prompt with more samples than batch_size is cut further, inside its own block). The blocks
+    depend only on the prompt list and these two sizes, so data-parallel ranks that each take whole blocks run
+    exactly the forwards a single process would run."""
+    k = max(1, batch_size // max(1, num_samples))
+    return [list(range(i, min(i + k, n_prompts))) for i in range(0, n_prompts, k)]
+
+
+def shard_prompts(n_prompts: int, num_samples: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+    """The prompt indices data-parallel rank `rank` of `world_size` generates: whole `prompt_blocks`, dealt
+    round-robin (block j to rank j mod W), in increasing order."""
+    blocks = prompt_blocks(n_prompts, num_samples, batch_size)
+    return [p for j in range(rank, len(blocks), world_size) for p in blocks[j]]
+
+
+class _RowSampler:
+    """A logits processor that samples each row with its own torch.Generator (temperature, then top-p) and
+    leaves only the drawn token at 0 (every other logit -inf), so generate's greedy step takes it. Each request
+    (prompt, sample) draws from its own stream, seeded by `request_seed`, whatever else shares its batch."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+        self.generators = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        tokens = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+
+
 class HFGenerator:
     """Batched sampling with transformers' `generate`.
 
-    Requests (prompt p, sample s) are flattened prompt-major and cut into batches of `config.batch_size`
-    sequences, each left-padded (so every sequence's last prompt token sits at the same position). Batch b is
-    sampled under torch seed `config.seed + b` inside `torch.random.fork_rng`, so the same seed gives the same
-    samples and the caller's RNG state is untouched. Samples depend on batch_size (a different batching draws
-    the random numbers in a different order), so keep it fixed to reproduce a run.
+    Requests (prompt p, sample s) are generated in blocks of whole prompts (`prompt_blocks`), each block one
+    left-padded batch (so every sequence's last prompt token sits at the same position). Every request samples
+    from its own generator seeded with `request_seed(config.seed, prompt key, s)` (`_RowSampler`), so a sample is
+    fixed by who it is, and a data-parallel rank that takes whole blocks (`shard_prompts`) produces the same
+    tokens as one process generating everything. The caller's RNG state is untouched.
     """
 
     def __init__(self, model: Any, tokenizer: Any, config: GenerationConfig, progress: bool = True):
@@ -98,9 +136,10 @@ class HFGenerator:
         self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
 
     def generate(self, prompts: list[str], keys: list[str] | None = None) -> list[list[Sample]]:
-        """P prompts → P lists of `config.num_samples` Samples (`keys` is accepted for the common interface; this
-        backend seeds per batch, see the class docstring)."""
+        """P prompts → P lists of `config.num_samples` Samples. `keys` name the prompts for their seeds (stable
+        prompt ids; default: their positions)."""
         cfg, tok, model = self.config, self.tokenizer, self.model
+        keys = [str(p) for p in range(len(prompts))] if keys is None else keys
         prompt_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
         for i, ids in enumerate(prompt_ids):
             if not ids:
@@ -108,28 +147,32 @@ class HFGenerator:
         eos = _eos_ids(model, tok)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
         device = next(model.parameters()).device
-        gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos))
-        if cfg.temperature > 0:
-            gen_kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-        else:
-            gen_kwargs.update(do_sample=False)
+        # greedy decoding over logits that _RowSampler has reduced to the drawn token (temperature 0: plain greedy)
+        gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos),
+                          do_sample=False, temperature=None, top_p=None, top_k=None)
 
-        requests = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
-        batches = [requests[i : i + cfg.batch_size] for i in range(0, len(requests), cfg.batch_size)]
+        batches = []
+        for block in prompt_blocks(len(prompts), cfg.num_samples, cfg.batch_size):
+            requests = [(p, s) for p in block for s in range(cfg.num_samples)]
+            batches += [requests[i : i + cfg.batch_size] for i in range(0, len(requests), cfg.batch_size)]
         out: list[list[Sample | None]] = [[None] * cfg.num_samples for _ in prompts]
         was_training = model.training
         model.eval()
         try:
-            for b, batch in enumerate(tqdm(batches, desc="generate", disable=not self.progress)):
+            for batch in tqdm(batches, desc="generate", disable=not self.progress):
                 rows = [prompt_ids[p] for p, _ in batch]
                 width = max(len(r) for r in rows)
                 # Left padding by hand: works for tokenizers without a pad token and leaves the tokenizer as is.
                 input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
                 attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-                devices = [device] if device.type == "cuda" else []
-                with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(cfg.seed + b)
-                    seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+                extra = {}
+                if cfg.temperature > 0:
+                    from transformers import LogitsProcessorList
+
+                    seeds = [request_seed(cfg.seed, keys[p], s) for p, s in batch]
+                    extra["logits_processor"] = LogitsProcessorList([_RowSampler(seeds, cfg.temperature, cfg.top_p)])
+                with torch.no_grad():
+                    seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs, **extra)
                 responses = [_cut_at_eos(row, eos) for row in seqs[:, width:].tolist()]
                 texts = tok.batch_decode([ids for ids, _ in responses], skip_special_tokens=True)
                 for (p, s), (ids, truncated), text in zip(batch, responses, texts):

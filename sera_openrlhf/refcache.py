@@ -25,7 +25,7 @@ import torch
 
 from .errors import ConfigError, DataError, StateError
 from .fileio import atomic_open, atomic_write_text, sha256_file
-from .scoring import LogprobFn, score_pairs
+from .scoring import LogprobFn, add_counts, score_pairs
 
 __all__ = ["ReferenceCache", "content_hash"]
 
@@ -91,6 +91,7 @@ class ReferenceCache:
         self.checksum_path = self.path + ".sha256"
         self.entries: Dict[Hashable, _Entry] = {}
         self.num_computed = 0  # pairs scored by the last ensure() call
+        self.scored_per_rank = None
         self._load()
 
     # ---------------------------------------------------------------------------------------------------- disk
@@ -218,6 +219,7 @@ class ReferenceCache:
                 todo[i] = k
         positions = list(todo.values())
         self.num_computed = len(positions)
+        self.scored_per_rank = None  # sequences each rank scored for the misses (score_pairs' per_rank, summed)
         save_every = max(1, int(save_every))
         desc = score_kw.pop("desc", "reference log-probs")
         for start in range(0, len(positions), save_every):
@@ -226,6 +228,7 @@ class ReferenceCache:
             chosen, rejected = score_pairs(
                 logprob_fn, [pair_items[k] for k in chunk], pad_token_id, desc=desc + part, **score_kw
             )
+            self.scored_per_rank = add_counts(self.scored_per_rank, chosen.per_rank)
             for j, k in enumerate(chunk):
                 self.entries[ids[k]] = (
                     hashes[k],

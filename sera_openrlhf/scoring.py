@@ -42,6 +42,7 @@ __all__ = [
     "score_pairs",
     "plan_batches",
     "model_fingerprint",
+    "add_counts",
 ]
 
 # (input_ids LongTensor[B, L], attention_mask LongTensor[B, L]) -> FloatTensor[B, L-1]:
@@ -70,10 +71,14 @@ class ScoreResult:
 
     logp_sum: Tensor[N] float64, sum of response-token log-probs (log pi(y|x)).
     num_tokens: LongTensor[N], number of scored response tokens (|y|, EOS included).
+    per_rank: sequences each gathered rank scored in the call that produced this result (one entry per
+    `gather_fn` position, i.e. per global rank with the default gather; [N] in one process). Not kept by
+    `select` / `clone`.
     """
 
     logp_sum: torch.Tensor
     num_tokens: torch.Tensor
+    per_rank: Optional[List[int]] = None
 
     @property
     def logp_mean(self) -> torch.Tensor:
@@ -89,6 +94,13 @@ class ScoreResult:
 
     def clone(self) -> "ScoreResult":
         return ScoreResult(self.logp_sum.clone(), self.num_tokens.clone())
+
+
+def add_counts(a: Optional[List[int]], b: Optional[List[int]]) -> Optional[List[int]]:
+    """Element-wise sum of two per-rank counts (None: nothing counted yet)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return [x + y for x, y in zip(a, b)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -758,7 +770,7 @@ def score_sequences(
             "The model's weights or activations overflowed; try float32/bfloat16 instead of float16, or check the "
             "checkpoint."
         )
-    return ScoreResult(logp_sum, num_tokens)
+    return ScoreResult(logp_sum, num_tokens, [len(entries) for entries in per_rank])
 
 
 def score_pairs(
@@ -769,13 +781,15 @@ def score_pairs(
 ) -> Tuple[ScoreResult, ScoreResult]:
     """Score preference pairs `(chosen_ids, rejected_ids, prompt_len)`; returns (chosen, rejected) ScoreResults[N].
 
-    One engine call over 2N sequences (chosen 0..N-1, then rejected 0..N-1), so bucketing mixes both sides.
-    Keyword arguments go to `score_sequences`.
+    One engine call over 2N sequences (chosen 0..N-1, then rejected 0..N-1), so bucketing mixes both sides; both
+    results carry that call's `per_rank`. Keyword arguments go to `score_sequences`.
     """
     items = [SequenceItem(c, p) for c, _, p in pairs] + [SequenceItem(r, p) for _, r, p in pairs]
     res = score_sequences(logprob_fn, items, pad_token_id, **kw)
     n = len(pairs)
-    return res.select(slice(0, n)).clone(), res.select(slice(n, 2 * n)).clone()
+    chosen, rejected = res.select(slice(0, n)).clone(), res.select(slice(n, 2 * n)).clone()
+    chosen.per_rank = rejected.per_rank = res.per_rank  # sequences per rank of the whole call (both sides)
+    return chosen, rejected
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,11 @@ from sera_openrlhf.generation import (
     HFGenerator,
     Sample,
     VLLMGenerator,
+    _RowSampler,
+    prompt_blocks,
     request_seed,
     build_generator,
+    shard_prompts,
 )
 
 CORPUS = [
@@ -154,6 +157,60 @@ def test_seed_reproducibility_and_rng_untouched(model, tok):
     c = gen(model, tok, num_samples=3, max_new_tokens=8, seed=8)
     assert ids_of(a) == ids_of(b)
     assert ids_of(a) != ids_of(c)
+
+
+def test_row_sampler_draws_per_request():
+    """Each row samples from its own seeded stream: the same request draws the same tokens whatever other rows
+    share the batch, in whatever order, and top-p never picks a token outside the nucleus."""
+    torch.manual_seed(0)
+    scores = torch.randn(4, 50)
+    seeds = [11, 12, 13, 14]
+
+    def draws(rows, steps=20, top_p=1.0):
+        sampler = _RowSampler([seeds[r] for r in rows], temperature=0.8, top_p=top_p)
+        out = []
+        for _ in range(steps):
+            picked = sampler(None, scores[rows])
+            assert torch.isinf(picked).sum(-1).eq(49).all() and picked.max(-1).values.eq(0).all()
+            out.append(picked.argmax(-1))
+        return torch.stack(out, 1)
+
+    full = draws([0, 1, 2, 3])
+    assert torch.equal(draws([2]), full[2:3])
+    assert torch.equal(draws([3, 1]), full[[3, 1]])
+    assert len(set(full[0].tolist())) > 1  # it samples, not argmax
+    nucleus = draws([0], steps=40, top_p=0.3)
+    probs = torch.softmax(scores[0] / 0.8, -1)
+    order = probs.argsort(descending=True)
+    allowed = order[: int((probs[order].cumsum(0) < 0.3).sum()) + 1]
+    assert set(nucleus[0].tolist()) <= set(allowed.tolist())
+
+
+def test_blocks_and_shards_cover_every_prompt_once():
+    assert prompt_blocks(7, 4, 8) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert prompt_blocks(3, 8, 4) == [[0], [1], [2]]  # more samples than a batch: one prompt per block
+    for n, world in ((7, 3), (16, 4), (2, 4)):
+        shards = [shard_prompts(n, 4, 8, r, world) for r in range(world)]
+        assert sorted(p for s in shards for p in s) == list(range(n))
+    assert shard_prompts(7, 4, 8, 1, 2) == [2, 3, 6]
+
+
+def test_sharded_generation_equals_one_process(model, tok, batch_size=8):
+    """Ranks generating their shards (whole blocks) produce exactly the samples of one process generating all:
+    the same requests, seeds and batches."""
+    prompts = PROMPTS * 3
+    keys = [f"p{i}" for i in range(len(prompts))]
+    cfg = dict(num_samples=3, max_new_tokens=10, batch_size=batch_size, seed=4)
+    one = ids_of(HFGenerator(model, tok, GenerationConfig(**cfg), progress=False).generate(prompts, keys))
+    for world in (2, 4):
+        merged = [None] * len(prompts)
+        for rank in range(world):
+            mine = shard_prompts(len(prompts), 3, batch_size, rank, world)
+            out = HFGenerator(model, tok, GenerationConfig(**cfg), progress=False).generate(
+                [prompts[i] for i in mine], [keys[i] for i in mine])
+            for i, row in zip(mine, ids_of(out)):
+                merged[i] = row
+        assert merged == one
 
 
 def test_tokenizer_and_model_state_restored(model, tok):

@@ -109,8 +109,9 @@ def make_run(root, converge_at=None):
         _jsonl(f"{d}/policy/train_log.jsonl", log)
         guard = {"low_fluency": 7 + t, "degenerate_text": t, "kept": 80 - 7 - 2 * t}
         iters[str(t)].update({
-            "generate": {"n_prompts": 20, "n_samples": 80, "truncated_share": trunc, "mean_generated_tokens": 11.5},
-            "score_samples": {"scored_under": ["init", "pi1", "ref1"]},
+            "generate": {"n_prompts": 20, "n_samples": 80, "truncated_share": trunc, "mean_generated_tokens": 11.5,
+                         "generated_per_rank": [12, 8]},
+            "score_samples": {"scored_under": ["init", "pi1", "ref1"], "scored_per_rank": [80, 80]},
             "pair": {"prompts": 20, "pairs": 16, "too_few_valid": 2, "duplicate_texts": 1, "below_min_margin": 1,
                      "top_fraction_cut": 0, "truncated_dropped": 5, "alpha": 0.0, "guard": guard,
                      "ensemble": {"policies": [1], "weights": [1.0]}, "n_pairs": 16,
@@ -214,6 +215,10 @@ def test_full_report_markdown(full_run):
     phases = md.split("## Time and memory per phase\n", 1)[1].split("\n## ", 1)[0]
     assert "Precision: fp32 (no bf16 instructions on this CPU)" in phases
     assert "| iter1/train | 10 | 2000 |" in phases and "| iter3/train |" in phases
+    # the work of each data-parallel rank, where the phase recorded it
+    assert "| prompts generated per rank | sequences scored per rank |" in phases
+    assert "| 12 / 8 | — |" in next(r for r in phases.splitlines() if r.startswith("| iter2/generate"))
+    assert "| — | 80 / 80 |" in next(r for r in phases.splitlines() if r.startswith("| iter2/score_samples"))
     assert f"{root}/iter_3/policy" in md.split("## Final policy", 1)[1].split("##", 1)[0]
 
 

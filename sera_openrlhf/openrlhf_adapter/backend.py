@@ -16,9 +16,9 @@ from sera_openrlhf.generation import GenerationConfig
 from sera_openrlhf.losses import DAALoss
 from sera_openrlhf.openrlhf_adapter.dataset import prompt_too_long
 from sera_openrlhf.openrlhf_adapter.generate import format_prompt, generate_samples, load_hf_tokenizer
-from sera_openrlhf.openrlhf_adapter.train import (CachedReference, ScoringModel, build_dataset, score_dataset,
-                                                  scoring_shard, train_policy)
-from sera_openrlhf.scoring import score_sequences
+from sera_openrlhf.openrlhf_adapter.train import (CachedReference, ScoringModel, build_dataset, per_dp_rank,
+                                                  score_dataset, scoring_shard, train_policy)
+from sera_openrlhf.scoring import add_counts, score_sequences
 
 
 class OpenRLHFBackend:
@@ -29,6 +29,16 @@ class OpenRLHFBackend:
         self.use_prompt_key = use_prompt_key
         self.cache_dir = cache_dir
         self.loss = daa_loss
+        self.engines = None  # RayVLLMEngines with --sera.vllm_engines, created at the first generation
+        self.load = {}  # this phase's work per DP rank: generated_per_rank, scored_per_rank
+
+    def take_load(self) -> dict:
+        """The work per DP rank since the last call (the driver adds it to each phase's stats)."""
+        load, self.load = self.load, {}
+        return load
+
+    def count(self, key: str, per_rank) -> None:
+        self.load[key] = add_counts(self.load.get(key), per_rank)
 
     @property
     def is_writer(self) -> bool:
@@ -51,15 +61,20 @@ class OpenRLHFBackend:
         args.logger.wandb.run_name = f"{self.args.logger.wandb.run_name}_{name}"
         args.ckpt.path = os.path.join(self.args.ckpt.path, name)
         stock_args, self.strategy.args = self.strategy.args, args  # DPOTrainer reads its logger from strategy.args
+        sync = None
+        if self.engines is not None and "_fold" not in name:  # the next generation samples this policy
+            sync = lambda model: self.engines.sync_from_model(model, output_dir)  # noqa: E731
         try:
-            return train_policy(
+            stats = train_policy(
                 args, self.strategy, policy_path=policy, ref_path=reference, rows=rows, output_dir=output_dir,
                 daa_loss=self.loss, use_prompt_key=self.use_prompt_key,
                 use_ref_cache=self.args.sera.ref_cache != "off", cache_dir=self.cache_dir, eval_rows=self.eval_rows,
-                merge_lora=True,
+                merge_lora=True, on_trained=sync,
             )
         finally:
             self.strategy.args = stock_args
+        self.count("scored_per_rank", stats.pop("scored_per_rank"))
+        return stats
 
     def over_long(self, rows, prompts) -> tuple[set, set]:
         """Ids of the offline pairs and of the bootstrapping prompts whose formatted prompt does not fit
@@ -85,14 +100,16 @@ class OpenRLHFBackend:
         scorer = ScoringModel.load(self.args, self.strategy, policy)
         tokenizer = scorer.tokenizer
         dataset = build_dataset(self.args, tokenizer, rows, self.use_prompt_key)  # tokenised once, reused below
-        chosen, rejected = score_dataset(self.args, scorer.logprob_fn, dataset, tokenizer.pad_token_id,
-                                         desc="self-review: policy log-probs")
+        chosen, rejected = score_dataset(self.args, self.strategy, scorer.logprob_fn, dataset,
+                                         tokenizer.pad_token_id, desc="self-review: policy log-probs")
         scorer.free()
+        self.count("scored_per_rank", per_dp_rank(self.strategy, chosen.per_rank))
         ref_c = ref_r = None
         if self.loss.needs_reference:
             ref = CachedReference(self.args, self.strategy, reference, self.cache_dir, [dataset],
                                   tokenizer.pad_token_id)
             ref_c, ref_r = ref(dataset, torch.arange(len(dataset)))
+            self.count("scored_per_rank", ref.scored_per_rank)
         lens_c, lens_r = chosen.num_tokens.double(), rejected.num_tokens.double()
         return {"ids": dataset.ids, "too_long": dataset.too_long_ids,
                 "chosen_reward": self.loss.implicit_reward(chosen.logp_sum, ref_c, lens_c).double(),
@@ -105,7 +122,7 @@ class OpenRLHFBackend:
         scored under. Returns ({tag: [logp per row]}, [response tokens per row])."""
         sequences = [(r["prompt_ids"] + r["token_ids"], len(r["prompt_ids"])) for r in rows]
         logps, n_tokens = {}, []
-        rank, world = scoring_shard(self.args)
+        rank, world = scoring_shard(self.strategy)
         for path, tags in models.items():
             scorer = ScoringModel.load(self.args, self.strategy, path)
             res = score_sequences(
@@ -115,6 +132,7 @@ class OpenRLHFBackend:
                 rank=rank, world_size=world,
             )
             scorer.free()
+            self.count("scored_per_rank", per_dp_rank(self.strategy, res.per_rank))
             for tag in tags:
                 logps[tag] = [float(x) for x in res.logp_sum]
             n_tokens = [int(x) for x in res.num_tokens]
@@ -122,5 +140,17 @@ class OpenRLHFBackend:
 
     def generate(self, policy: str, prompts: list, config: GenerationConfig, keys: list[str]):
         """P lists of S `Sample`s from `policy` for `prompts` (strings or chat-message lists); `keys` are the
-        prompts' ids (per-request seeds)."""
-        return generate_samples(self.args, self.strategy, policy, prompts, config, keys)
+        prompts' ids (per-request seeds). Sharded over DP ranks; the prompts each generated go to the phase's
+        `generated_per_rank`."""
+        if self.args.sera.vllm_engines and self.engines is None:
+            from sera_openrlhf.openrlhf_adapter.vllm_engines import RayVLLMEngines
+
+            self.engines = RayVLLMEngines.launch(self.args, self.strategy, policy)
+        samples, per_rank = generate_samples(self.args, self.strategy, policy, prompts, config, keys, self.engines)
+        self.count("generated_per_rank", per_rank)
+        return samples
+
+    def close(self) -> None:
+        if self.engines is not None:
+            self.engines.close()
+            self.engines = None

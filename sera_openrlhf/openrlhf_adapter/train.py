@@ -24,7 +24,7 @@ from sera_openrlhf.losses import DAALoss
 from sera_openrlhf.openrlhf_adapter.dataset import IndexedRewardDataset
 from sera_openrlhf.openrlhf_adapter.trainer import SeraDPOTrainer
 from sera_openrlhf.refcache import ReferenceCache, content_hash
-from sera_openrlhf.scoring import actor_logprob_fn, model_fingerprint, score_pairs
+from sera_openrlhf.scoring import actor_logprob_fn, add_counts, model_fingerprint, score_pairs
 
 
 def setup_strategy(args):
@@ -60,17 +60,52 @@ def build_dataset(args, tokenizer, rows, use_prompt_key: bool) -> IndexedRewardD
                                 use_prompt_key=use_prompt_key)
 
 
-def scoring_shard(args):
-    """(rank, world) for data-parallel scoring. ZeRO-3 gathers parameters collectively inside forward, so every
-    rank must run the same number of forwards: there each rank scores everything instead of a shard."""
-    if not dist.is_initialized() or args.ds.zero_stage == 3:
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
+def dp_layout(strategy) -> tuple[int, int, list[int]]:
+    """(data-parallel rank, data-parallel size, the DP rank of every global rank), from OpenRLHF's device mesh
+    (dp x sp x tp): ranks of one ring-attention or tensor-parallel group share a DP rank and must see the same
+    data. Computed once per process (a collective the first time)."""
+    cached = getattr(strategy, "_sera_dp_layout", None)
+    if cached is not None:
+        return cached
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        layout = (0, 1, [0])
+    else:
+        mesh = getattr(strategy, "ds_device_mesh", None)
+        group = mesh["dp"].get_group() if mesh is not None else None
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        of = [None] * dist.get_world_size()
+        dist.all_gather_object(of, rank)
+        layout = (rank, size, of)
+    strategy._sera_dp_layout = layout
+    return layout
 
 
-def score_dataset(args, logprob_fn, dataset: IndexedRewardDataset, pad_token_id: int, desc: str):
+def per_dp_rank(strategy, per_global: list | None) -> list | None:
+    """Counts gathered per global rank → per DP rank (the first global rank of each DP rank; the others of its
+    sp/tp group did the same work)."""
+    if per_global is None:
+        return None
+    _, size, of = dp_layout(strategy)
+    if len(per_global) != len(of):  # one process, or already per DP rank
+        return list(per_global)
+    out = [None] * size
+    for g, d in enumerate(of):
+        if out[d] is None:
+            out[d] = per_global[g]
+    return out
+
+
+def scoring_shard(strategy) -> tuple[int, int]:
+    """(rank, world) for data-parallel scoring: this rank's DP position. Also under ZeRO-3, where parameters are
+    gathered collectively inside every forward: the engine gives ranks with fewer batches dummy forwards, so all
+    ranks run the same number."""
+    rank, size, _ = dp_layout(strategy)
+    return rank, size
+
+
+def score_dataset(args, strategy, logprob_fn, dataset: IndexedRewardDataset, pad_token_id: int, desc: str):
     """Summed response log-probs and lengths of every pair: (chosen ScoreResult, rejected ScoreResult)."""
-    rank, world = scoring_shard(args)
+    rank, world = scoring_shard(strategy)
     pairs = [dataset.pair_tokens(i) for i in range(len(dataset))]
     return score_pairs(
         logprob_fn, pairs, pad_token_id, max_tokens_per_batch=args.sera.score_tokens_per_batch,
@@ -124,8 +159,9 @@ class CachedReference:
     def __init__(self, args, strategy, ref_path: str, cache_dir: str, datasets, pad_token_id: int):
         self.cache = ReferenceCache(cache_dir, reference_fingerprint(args, ref_path), writer=strategy.is_rank_0())
         self.tables = {}
+        self.scored_per_rank = None  # sequences each DP rank scored for cache misses
         scorer = None
-        rank, world = scoring_shard(args)
+        rank, world = scoring_shard(strategy)
         for ds in datasets:
             pairs = [ds.pair_tokens(i) for i in range(len(ds))]
             hashes = [content_hash(*p) for p in pairs]
@@ -138,6 +174,7 @@ class CachedReference:
                 desc="reference log-probs", rank=rank, world_size=world,
             )
             self.tables[id(ds)] = (chosen, rejected)
+            self.scored_per_rank = add_counts(self.scored_per_rank, per_dp_rank(strategy, self.cache.scored_per_rank))
         if scorer is not None:
             scorer.free()  # the reference is not needed again for this training run
 
@@ -148,11 +185,12 @@ class CachedReference:
 
 def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, output_dir: str, daa_loss: DAALoss,
                  use_prompt_key: bool, use_ref_cache: bool, cache_dir: str | None = None, eval_rows=None,
-                 merge_lora: bool = False) -> dict:
+                 merge_lora: bool = False, on_trained=None) -> dict:
     """One DAA training run on `rows` (evaluated on `eval_rows` after the last step, if any); saves the HF model
     to `output_dir` and returns its statistics. With LoRA, OpenRLHF saves the adapter only; `merge_lora` (the
     SeRA loop) saves it to `<output_dir>/../adapter` instead and base + adapter merged to `output_dir`, so later
-    phases load a plain model."""
+    phases load a plain model. `on_trained(model)` is called on every rank with the trained Actor (its DeepSpeed
+    engine still alive) before it is freed: the vLLM engines' weight sync."""
     model = load_actor(args, strategy, policy_path, train=True)
     tokenizer = load_tokenizer(args, strategy, policy_path, model)
     if args.model.gradient_checkpointing_enable:
@@ -233,6 +271,8 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
         strategy.save_model(model, tokenizer, output_dir)
     if strategy.is_rank_0():
         atomic_write_jsonl(os.path.join(output_dir, "train_log.jsonl"), trainer.step_logs)
+    if on_trained is not None and lora is None:  # a LoRA model's weights are not the merged policy's
+        on_trained(model)
     stats = {
         "resumed_from_samples": consumed_samples,
         "eval": final_eval,
@@ -245,6 +285,7 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
         "acc_last": trainer.step_logs[-1]["acc"] if trainer.step_logs else None,
         "reference_loaded": ref_model is not None or (ref_logps is not None),
         "packed_train": trainer.packed is not None and not trainer.packed.disabled,
+        "scored_per_rank": getattr(ref_logps, "scored_per_rank", None),  # reference-cache misses
     }
     for actor in (model, ref_model):
         destroy_engine(actor)

@@ -162,7 +162,8 @@ class RunSummary:
     guard_totals: dict[str, float]
     series: PlotSeries | None
     resolved_precision: dict | None = None  # --sera.precision's choice, reason and probe figures
-    resources: list[dict] | None = None  # per phase in run order: {phase, seconds, peak_rss_mb[, cuda_peak_mb]}
+    resources: list[dict] | None = None  # per phase in run order: {phase, seconds, peak_rss_mb[, cuda_peak_mb]
+    #                                      [, generated_per_rank, scored_per_rank: lists indexed by DP rank]}
 
 
 # ---------------------------------------------------------------------------------------------------- small helpers
@@ -588,11 +589,21 @@ def collect(run_dir: str) -> RunSummary:
 
 
 def _resources(state: dict, done: list[str]) -> list[dict]:
-    """Wall seconds and this rank's peak memory of every finished phase, in the order they ran."""
+    """Wall seconds and this rank's peak memory of every finished phase, in the order they ran, and the work of
+    each data-parallel rank (prompts generated, sequences scored) where the phase recorded it."""
     seconds, memory = _dict(state.get("seconds")), _dict(state.get("memory"))
-    return [{"phase": p, "seconds": num(seconds.get(p)), **{k: num(v) for k, v in _dict(memory.get(p)).items()
-                                                          if k in ("peak_rss_mb", "cuda_peak_mb")}}
-            for p in done]
+    out = []
+    for p in done:
+        row = {"phase": p, "seconds": num(seconds.get(p)), **{k: num(v) for k, v in _dict(memory.get(p)).items()
+                                                            if k in ("peak_rss_mb", "cuda_peak_mb")}}
+        t, _, name = p.partition("/")
+        stats = _dict(_dict(state.get("iterations")).get(t.removeprefix("iter"))).get(name)
+        for key in ("generated_per_rank", "scored_per_rank"):
+            value = _dict(stats).get(key)
+            if isinstance(value, list):
+                row[key] = [int(v) if isinstance(v, (int, float)) else None for v in value]
+        out.append(row)
+    return out
 
 
 def _config_highlights(config: dict) -> dict:

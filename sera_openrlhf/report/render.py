@@ -195,10 +195,18 @@ def _resources(s: RunSummary) -> list[str]:
     if p:
         lines.append(f"Precision: {p.get('choice')} ({_cell(p.get('reason'))}).\n")
     cuda = any("cuda_peak_mb" in r for r in s.resources)
-    lines += _table_head(["phase", "seconds", "peak RSS (MB)"] + (["peak CUDA (MB)"] if cuda else []))
+    ranks = any("generated_per_rank" in r or "scored_per_rank" in r for r in s.resources)
+    lines += _table_head(["phase", "seconds", "peak RSS (MB)"] + (["peak CUDA (MB)"] if cuda else []) +
+                         (["prompts generated per rank", "sequences scored per rank"] if ranks else []))
     for r in s.resources:
-        cells = [r["phase"], _fmt(r["seconds"]), _fmt(r.get("peak_rss_mb"))]
-        lines.append(_row(cells + ([_fmt(r.get("cuda_peak_mb"))] if cuda else [])))
+        cells = [r["phase"], _fmt(r["seconds"]), _fmt(r.get("peak_rss_mb"))] + (
+            [_fmt(r.get("cuda_peak_mb"))] if cuda else [])
+        if ranks:
+            cells += [" / ".join(_fmt(v, "int") for v in r[k]) if k in r else "—"
+                      for k in ("generated_per_rank", "scored_per_rank")]
+        lines.append(_row(cells))
+    if ranks:
+        lines.append("\nPer rank: the work of each data-parallel rank (rank 0 first); memory is rank 0's.\n")
     return lines + [""]
 
 
