@@ -33,7 +33,7 @@ BIN = os.path.dirname(sys.executable)  # the venv with `deepspeed`, `torchrun` a
 # every variable any launch script reads (tests start each script from an environment without them)
 SCRIPT_VARS = ("MODEL", "DATA", "PROMPTS", "OUTPUT_DIR", "RUN_DIR", "ITERATIONS", "NUM_PROMPTS", "NUM_SAMPLES",
                "MAX_NEW_TOKENS", "MAX_SAMPLES", "MAX_LEN", "BATCH_SIZE", "MICRO_BATCH_SIZE", "GENERATION_BACKEND",
-               "ATTN_IMPL", "NUM_GPUS", "LAUNCHER_ARGS", "HOSTFILE", "MASTER_PORT", "PYTHON")
+               "ATTN_IMPL", "NUM_GPUS", "LAUNCHER_ARGS", "HOSTFILE", "MASTER_PORT", "PYTHON", "VLLM_ENGINES")
 # set by the script itself or by SLURM, not by the user
 INTERNAL_VARS = {"BASH_SOURCE", "REPO", "RES", "MASTER_ADDR", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_JOB_ID",
                  "OMP_NUM_THREADS"}
@@ -159,6 +159,8 @@ def test_multinode_slurm_path_flags(stubs, tmp_path):
     from sera_openrlhf.cli.train_dpo import build_parser
 
     build_parser().parse_args(entry_args(calls[0]))
+    calls = launched(script, stubs, tmp_path, VLLM_ENGINES="2")  # OpenRLHF's Ray engines instead
+    assert getattr(build_parser().parse_args(entry_args(calls[0])), "sera.vllm_engines") == 2
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)

@@ -15,12 +15,18 @@ set -x
 #   MAX_LEN           --data.max_len 4096
 #   BATCH_SIZE        --train.batch_size 512       MICRO_BATCH_SIZE --train.micro_batch_size 1
 #   GENERATION_BACKEND --sera.generation_backend vllm (hf: transformers generate, which also runs on CPU)
+#   VLLM_ENGINES      --sera.vllm_engines (unset: an in-process engine per generation phase on DP rank 0, TP 8);
+#                     N: N of OpenRLHF's Ray-managed engines of TP 8 on the Ray cluster at RAY_ADDRESS, weights
+#                     synced from the DeepSpeed model after each training phase
 #   ATTN_IMPL         --ds.attn_implementation flash_attention_2 (needs CUDA; sdpa or eager on CPU)
 #   HOSTFILE          deepspeed --hostfile (./hostfile)
 #   MASTER_PORT       deepspeed --master_port / the torchrun rendezvous port (29500)
 #   NUM_GPUS          processes per node: torchrun --nproc_per_node under SLURM (8); deepspeed takes the
 #                     hostfile's slots, NUM_GPUS only narrows them (deepspeed --num_gpus)
 #   LAUNCHER_ARGS     more `deepspeed` launcher options, e.g. "--no_ssh_check --master_addr 10.0.0.1"
+#
+# OUTPUT_DIR and RUN_DIR must be on a file system every node mounts: global rank 0 writes the checkpoints and sets,
+# every rank reads them; the run stops at start-up, naming the node, if one cannot see RUN_DIR (docs/gpu.md).
 
 read -r -d '' training_commands <<EOF
 sera_openrlhf.cli.train_dpo \
@@ -48,7 +54,8 @@ sera_openrlhf.cli.train_dpo \
    --sera.num_samples ${NUM_SAMPLES:-8} \
    --sera.max_new_tokens ${MAX_NEW_TOKENS:-1024} \
    --sera.generation_backend ${GENERATION_BACKEND:-vllm} \
-   --sera.vllm_tensor_parallel_size 8
+   --sera.vllm_tensor_parallel_size 8 \
+   ${VLLM_ENGINES:+--sera.vllm_engines $VLLM_ENGINES}
 EOF
 
 if [[ ${1} == "slurm" ]]; then
