@@ -386,8 +386,8 @@ def _best_plan(lengths: Sequence[int], sizes: Sequence[int], max_tokens: int, ma
     """`_plan_rows` under the token budget that minimises the modelled cost: every row slot computed (padding
     included) costs 1 + attn_coef * L (attention grows with the row length L; attn_coef ~ 1 / (6 * hidden)), and
     each forward `forward_cost` slots. Smaller budgets split a wide length spread into batches of similar
-    lengths (less padding); larger ones amortise per-forward overhead. Deterministic: every rank plans every
-    rank's shard identically."""
+    lengths (less padding); larger ones amortise per-forward overhead. Deterministic: every rank plans the
+    same batches."""
     best, best_cost = None, float("inf")
     longest = max(lengths, default=1)
     budget = max_tokens
@@ -608,30 +608,30 @@ def _score_batch(
     return logp_sum, loss_mask.sum(-1).long(), finite
 
 
+def _deal(batches: list, rank: int, world_size: int) -> Tuple[list, int]:
+    """(this rank's batches, dummy forwards it adds): batch j goes to rank j mod W. Batches come longest first,
+    so dealing them in turn balances the ranks' work. Every rank must run the same number of forwards (under
+    ZeRO-3 each forward all-gathers parameters, so a rank with fewer would leave the others hanging): ranks with
+    one batch fewer run a throw-away forward on a 2-token dummy."""
+    mine = batches[rank::world_size]
+    return mine, -(-len(batches) // world_size) - len(mine)
+
+
 def _run_plain(logprob_fn, items, pad_token_id, max_tokens_per_batch, max_batch_size, bucket, rank, world_size,
                desc, show_progress) -> List[_LocalEntry]:
-    n = len(items)
     lengths = [int(it.input_ids.shape[0]) for it in items]
-    local_idx = list(range(rank, n, world_size))
-    batches = plan_batches([lengths[i] for i in local_idx], max_tokens_per_batch, max_batch_size, bucket)
-    # Every rank must run the same number of forwards: under ZeRO-3 each forward all-gathers parameters, so a
-    # rank with fewer batches would leave the others hanging. Every rank holds all items, so each can plan the
-    # other shards itself (no communication) and pad with throw-away forwards on a 2-token dummy.
-    num_dummy = 0
-    if world_size > 1:
-        most = max(
-            len(plan_batches(lengths[r::world_size], max_tokens_per_batch, max_batch_size, bucket))
-            for r in range(world_size)
-        )
-        num_dummy = most - len(batches)
+    # One plan for all items, whole batches dealt to the ranks: a sequence is scored in the same batch (same
+    # padding, same kernels) whatever the world size, so the scores do not depend on it (see _deal).
+    batches, num_dummy = _deal(plan_batches(lengths, max_tokens_per_batch, max_batch_size, bucket), rank,
+                               world_size)
 
     local: List[_LocalEntry] = []
-    bar = tqdm(total=len(local_idx), desc=desc, unit="seq", disable=not show_progress or rank != 0, leave=False)
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, desc=desc, unit="seq", disable=not show_progress or rank != 0, leave=False)
     try:
         # no_grad, not inference_mode: inference tensors break DeepSpeed ZeRO-3's in-place parameter gathering.
         with torch.no_grad():
-            for batch in batches:
-                idx = [local_idx[p] for p in batch]
+            for idx in batches:
                 s, t, ok = _score_batch(logprob_fn, [items[i] for i in idx], pad_token_id)
                 s = torch.where(ok, s, torch.full_like(s, float("nan")))  # NaN marks a non-finite item
                 local.extend(zip(idx, s.tolist(), t.tolist()))
@@ -655,21 +655,15 @@ def _run_packed(packed, items, pad_token_id, max_tokens_per_batch, max_batch_siz
     hidden = getattr(getattr(packed.model, "config", None), "hidden_size", None)
     attn_coef = 1.0 / (6 * hidden) if isinstance(hidden, int) and hidden > 0 else 0.0
 
-    def plan(r):  # groups are dealt to ranks interleaved, so every rank gets a similar length mix
-        mine = list(range(r, len(groups), world_size))
-        return mine, _best_plan([glens[g] for g in mine], [gsizes[g] for g in mine], max_tokens_per_batch,
-                                max_batch_size, pack and four_d, attn_coef)
-
-    mine, batches = plan(rank)
-    # the same number of forwards on every rank (see _run_plain)
-    num_dummy = max(len(plan(r)[1]) for r in range(world_size)) - len(batches) if world_size > 1 else 0
+    # one plan for all groups, whole batches dealt to the ranks (see _run_plain)
+    plan = _best_plan(glens, gsizes, max_tokens_per_batch, max_batch_size, pack and four_d, attn_coef)
+    batches, num_dummy = _deal(plan, rank, world_size)
     local: List[_LocalEntry] = []
-    total = sum(gsizes[g] for g in mine)
+    total = sum(gsizes[g] for rows in batches for row in rows for g in row)
     bar = tqdm(total=total, desc=desc, unit="seq", disable=not show_progress or rank != 0, leave=False)
     try:
         with torch.no_grad():
-            for batch in batches:
-                rows = [[mine[p] for p in row] for row in batch]
+            for rows in batches:
                 idx, s, t = _score_packed_batch(packed, items, groups, rows, pad_token_id)
                 s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan")))
                 local.extend(zip(idx, s.tolist(), t.tolist()))
@@ -714,8 +708,11 @@ def score_sequences(
     Either way the results equal a plain per-sequence forward within floating-point tolerance, whatever the
     batch composition.
 
-    Data parallel (world_size > 1): this rank scores items rank, rank+W, rank+2W, ... (interleaved, so every
-    rank gets a similar length mix) and `gather_fn(local_entries) -> [entries of rank 0, ..., rank W-1]`
+    Data parallel (world_size > 1): the batches are planned once over all items, as one process would, and
+    dealt whole, batch j to rank j mod W (longest first, so the ranks' work is similar), so every sequence is
+    scored in the same batch, with the same padding and kernels, and gets the same numbers whatever the world
+    size; a rank with no batch idles (lower the batch sizes to spread small jobs).
+    `gather_fn(local_entries) -> [entries of rank 0, ..., rank W-1]`
     (default: torch.distributed.all_gather_object) gives every rank the full result. With ring attention or
     tensor parallelism pass the data-parallel rank and size: duplicate entries from ranks that share a data
     shard are tolerated. Every rank must call this (it is a collective when world_size > 1), and every rank

@@ -1,8 +1,9 @@
 """Distributed SeRA on CPU (gloo): the same 2-iteration loop, from the same trained policy, in 1 process (ZeRO-2),
 2 processes under one torchrun (ZeRO-2) and 4 processes as a 2-"node" simulation (two torchrun groups on
 localhost, --nnodes 2, ZeRO-3). Generation and scoring are sharded over the data-parallel ranks; the generated
-texts must be identical, the log-probs equal to float rounding, the kept sets and bootstrapped pairs the same, and
-every rank must have done a share. One module fixture runs the three loops once (about 2 minutes on 2 cores)."""
+texts must be identical, the log-probs equal (exactly under ZeRO-2; to float rounding under ZeRO-3, whose plain
+scoring path differs from the packed one), the kept sets and bootstrapped pairs the same, and every rank must have
+done a share. One module fixture runs the three loops once (about 2 minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from conftest import ENV, REPO, base_flags, read_jsonl, run_cli
 LOOP = ["--sera.enable", "--sera.iterations", "2", "--sera.skip_first_training", "--sera.num_samples", "4",
         "--sera.max_new_tokens", "12", "--sera.num_prompts", "16", "--sera.generation_batch_size", "8",
         "--sera.keep_ratio", "0.7", "--sera.generated_share_max", "0.5", "--sera.fluency_quantile", "0.1",
-        "--train.micro_batch_size", "2"]
+        "--train.micro_batch_size", "2",
+        # scoring deals whole batches to the ranks: batches of 8 sequences give every one of 4 ranks a share
+        "--sera.score_batch_size", "8"]
 
 
 def free_port() -> int:
@@ -118,6 +121,8 @@ def test_logprobs_within_float_rounding(runs, n):
     rel = max(max_rel([r["logp"][t] for r in many], [r["logp"][t] for r in one]) for t in tags)
     print(f"{n} processes: max relative log-prob difference of the samples {rel:.2e}")
     assert rel < 1e-3
+    if n == 2:  # ZeRO-2 on both sides: each sequence is scored in the same batch as in one process
+        assert rel == 0
     rev1 = {r["id"]: r for r in read_jsonl(runs[1] / "iter_2" / "review.jsonl")}
     revn = {r["id"]: r for r in read_jsonl(runs[n] / "iter_2" / "review.jsonl")}
     assert rev1.keys() == revn.keys()
@@ -153,7 +158,7 @@ def test_every_rank_generated_and_scored_a_share(runs, n):
     # review: the policy's and the reference's log-probs of 64 pairs (2 x 128 sequences), each scored once and
     # shared out evenly, also under ZeRO-3 (the 4-process run), where every rank used to score all 256
     review = it["review"]["scored_per_rank"]
-    assert sum(review) == 256 and max(review) - min(review) <= 4, review
+    assert sum(review) == 256 and max(review) - min(review) <= 16, review
     print(f"{n} processes: generated_per_rank {gen}, scored_per_rank review {it['review']['scored_per_rank']}, "
           f"score_samples {it['score_samples']['scored_per_rank']}")
     report = (runs[n] / "report" / "report.md").read_text()

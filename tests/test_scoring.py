@@ -114,9 +114,12 @@ def test_two_ranks_in_process_give_identical_results(model, items_and_naive):
     for r in (0, 1):  # each rank's local work, captured at its gather (plain path: counting hides .packed)
         with pytest.raises(Captured):
             score_sequences(counting(hf_logprob_fn(model)), items, PAD, rank=r, gather_fn=capture(r), **kw)
-    # interleaved shard: rank r scored items r, r+2, ...
-    assert sorted(i for i, _, _ in captured[0]) == list(range(0, len(items), 2))
-    assert sorted(i for i, _, _ in captured[1]) == list(range(1, len(items), 2))
+    # whole batches of the one-process plan, dealt in turn: every item once, each rank a share
+    mine = [sorted(i for i, _, _ in captured[r]) for r in (0, 1)]
+    assert sorted(mine[0] + mine[1]) == list(range(len(items))) and mine[0] and mine[1]
+    lengths = [int(it[0].shape[0]) if isinstance(it, tuple) else int(it.input_ids.shape[0]) for it in items]
+    plan = plan_batches(lengths, 64)
+    assert mine[0] == sorted(i for b in plan[0::2] for i in b) and mine[1] == sorted(i for b in plan[1::2] for i in b)
 
     results, forwards = [], []
     for r in (0, 1):
@@ -133,7 +136,9 @@ def test_two_ranks_in_process_give_identical_results(model, items_and_naive):
     for res in results:
         assert torch.equal(res.logp_sum, results[0].logp_sum) and torch.equal(res.num_tokens, single.num_tokens)
         torch.testing.assert_close(res.logp_sum, ref_sum, atol=1e-5, rtol=0)
-        torch.testing.assert_close(res.logp_sum, single.logp_sum, atol=1e-5, rtol=0)
+    # each sequence ran in the same batch as in one process (the plain path, like the ranks): the same numbers
+    one = score_sequences(counting(hf_logprob_fn(model)), items, PAD, max_tokens_per_batch=64, show_progress=False)
+    assert torch.equal(results[0].logp_sum, one.logp_sum)
     # duplicated entries (ranks sharing a data shard, e.g. ring attention) are tolerated
     dup = score_sequences(
         counting(hf_logprob_fn(model)), items, PAD, rank=0, gather_fn=lambda l: [l, l, captured[1], captured[1]],
@@ -146,23 +151,24 @@ def test_two_ranks_in_process_give_identical_results(model, items_and_naive):
 
 
 def test_ranks_with_fewer_batches_pad_with_dummy_forwards(model):
-    # rank 0 gets the long items, rank 1 the short ones: 6 batches vs 1 without padding
+    # 7 batches (6 long items alone, the 6 short ones together): rank 0 runs 4, rank 1 runs 3 and one dummy
     items = [SequenceItem(torch.arange(1, 41) if k % 2 == 0 else torch.arange(1, 5), 1) for k in range(12)]
-    calls = []
+    calls, local = [], {}
     for r in (0, 1):
         fn = counting(hf_logprob_fn(model))
-        local = {}
 
-        def gather(entries):
+        def gather(entries, r=r):
             local[r] = entries
-            return [entries, [(i, 0.0, 0) for i in range(1 - r, 12, 2)]]
+            got = {i for i, _, _ in entries}
+            return [entries, [(i, 0.0, 0) for i in range(12) if i not in got]]
 
         score_sequences(fn, items, PAD, max_tokens_per_batch=40, rank=r, world_size=2, gather_fn=gather,
                         show_progress=False)
         calls.append(fn.calls)
-        assert len(local[r]) == 6  # dummy forwards add no entries
-    assert len(calls[0]) == len(calls[1]) == 6
-    assert calls[1].count((1, 2)) == 5  # five 2-token dummies
+    assert sorted(i for i, _, _ in local[0]) == [0, 1, 3, 4, 5, 7, 8, 9, 11]  # dummy forwards add no entries
+    assert sorted(i for i, _, _ in local[1]) == [2, 6, 10]
+    assert len(calls[0]) == len(calls[1]) == 4
+    assert calls[1].count((1, 2)) == 1 and calls[0].count((1, 2)) == 0  # one 2-token dummy
 
 
 def test_world_size_without_dist_or_gather_is_config_error(model):
@@ -495,7 +501,7 @@ def test_packed_two_ranks_run_equal_forwards_and_match_single(model):
     assert len(forwards[0]) == len(forwards[1])
     both = score_sequences(hf_logprob_fn(model), items, PAD, max_tokens_per_batch=40, rank=0, world_size=2,
                            gather_fn=lambda e: [local[0], local[1]], show_progress=False)
-    torch.testing.assert_close(both.logp_sum, single.logp_sum, atol=1e-5, rtol=0)
+    assert torch.equal(both.logp_sum, single.logp_sum)  # the same packed rows as one process: the same numbers
 
 
 def test_actor_logprob_fn_packed_only_when_equivalent(model):
