@@ -263,19 +263,29 @@ def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "tests")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
-    checks = res["validity"]
+    checks = json.loads((out / "results.json").read_text())["validity"]
     assert {"label_noise_hurts", "reward_orders_heldout_pairs", "oof_flip_auroc"} <= set(checks)
     assert checks["verdict"]["has_signal"] == (proc.returncode == 0) == all(
         checks[k]["pass"] for k in ("label_noise_hurts", "reward_orders_heldout_pairs", "oof_flip_auroc"))
+    md = (out / "results.md").read_text()
+    assert md.index("## Validity checks") < md.index("## Methods")
+    if proc.returncode == 3:  # no signal: the other methods are not trained, and the report says why
+        assert not (out / "seed_0" / "random").exists() and "not a ranking" in md
+    states = {m: (out / "seed_0" / m / "sera_state.json").stat().st_mtime for m in ("dpo", "dpo_clean", "fold0")}
+    again = subprocess.run(cmd + ["--rank-anyway", "--sweep", "2x24"], capture_output=True, text=True, timeout=900,
+                           cwd=REPO, env=env)
+    assert again.returncode == proc.returncode, again.stdout[-3000:] + again.stderr[-3000:]
+    # resumed: what the first invocation trained is reused, not trained again
+    assert {m: (out / "seed_0" / m / "sera_state.json").stat().st_mtime for m in states} == states
+    res = json.loads((out / "results.json").read_text())
     summary = res["summary"]
     assert {"init", "dpo", "dpo_clean", "random"} <= set(summary)
     pairs = {m: summary[m]["train_pairs"]["mean"] for m in ("dpo", "dpo_clean", "random")}
     n = res["per_seed"][0]["pairs"]["n_pairs"]
     assert set(pairs.values()) == {res["info"]["config"]["iterations"] * n}, pairs  # equal compute, exactly
     assert "vs_dpo" in summary["random"] and summary["random"]["review_auroc_first"] == summary["random"]["review_auroc_first"]
-    md = (out / "results.md").read_text()
-    assert "## Validity checks" in md and "| random selection" in md and (out / "results.png").exists()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
-    assert again.returncode == proc.returncode and " starts" not in again.stdout  # resumed: nothing retrained
-    assert json.loads((out / "results.json").read_text())["summary"]["dpo"]["guarded_gold"] == summary["dpo"]["guarded_gold"]
+    assert "| random selection" in (out / "results.md").read_text() and (out / "results.png").exists()
+    cells = json.loads((out / "sweep.json").read_text())
+    assert [(c["samples"], c["n_prompts"]) for c in cells] == [(4, 24), (2, 24)]
+    assert cells[1]["n_pairs"] <= 24 and "oof_flip_auroc" in cells[1]["validity"]
+    assert "| 2 | 24 |" in (out / "sweep.md").read_text() and (out / "sweep.png").exists()

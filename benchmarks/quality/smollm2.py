@@ -22,8 +22,8 @@ import validity as V
 
 SIZES = {
     # smoke: seconds per method, for the test suite; default: one seed of every method in <= 90 min on 2 cores
-    "smoke": dict(n_prompts=12, pair_samples=4, heldout_prompts=8, n_eval_prompts=8, max_new_tokens=8, max_len=32,
-                  prompt_words=5, boot_prompts=4, boot_samples=2, iterations=2, batch_size=4, micro_batch_size=4,
+    "smoke": dict(n_prompts=24, pair_samples=4, heldout_prompts=8, n_eval_prompts=8, max_new_tokens=8, max_len=32,
+                  prompt_words=5, boot_prompts=4, boot_samples=2, iterations=2, batch_size=2, micro_batch_size=2,
                   lr=2e-5, gen_batch=64, hh_train=0, hh_eval=0),
     "default": dict(n_prompts=384, pair_samples=4, heldout_prompts=192, n_eval_prompts=192, max_new_tokens=24,
                     max_len=64, prompt_words=5, boot_prompts=128, boot_samples=4, iterations=3, batch_size=16,
@@ -162,10 +162,15 @@ def command(name, model, data, n_pairs, cfg, seed_dir, seed, run_dir, precision)
             "--sera.prompts", os.path.join(seed_dir, "boot_prompts.jsonl"),
             "--sera.num_samples", str(cfg["boot_samples"]), "--sera.max_new_tokens", str(cfg["max_new_tokens"]),
             "--sera.generation_batch_size", str(cfg["gen_batch"])]
-    if offline:  # T x N pairs in one iteration (the gold-derived sets are repeated up to it)
+    n_data = sum(1 for _ in open(data))
+    if offline and n_data == n_pairs:  # T epochs of the N pairs (no copies: the reference cache scores each once)
+        budget = ["--sera.iterations", "1", "--train.max_epochs", str(T)]
+    elif offline:  # a gold-derived subset: repeated up to T x N pairs in one iteration
         budget = ["--sera.iterations", "1", "--train.max_epochs", "1", "--sera.train_pairs", str(T * n_pairs)]
     else:
-        budget = ["--sera.iterations", str(T), "--train.max_epochs", "1", "--sera.train_pairs", str(n_pairs)]
+        # never stop early on convergence: every method trains all T iterations (equal compute)
+        budget = ["--sera.iterations", str(T), "--train.max_epochs", "1", "--sera.train_pairs", str(n_pairs),
+                  "--sera.converge_min_gain=-1e9"]
     return [sys.executable, "-m", "sera_openrlhf.cli.train_dpo", *base, *budget, *extra]
 
 
@@ -257,7 +262,7 @@ def heldout_pairs(rows, gold_fn):
     return out
 
 
-def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, tokenizer, model):
+def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, tokenizer, model, rank_anyway=False):
     import random
 
     assets = os.path.join(out, "assets")
@@ -282,30 +287,41 @@ def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, 
         [ids for r in held_rows for ids in r["token_ids"]]), 0.99))
     pairs = R.read_jsonl(pairs_path)
     n_pairs = len(pairs)
-    runs = run_methods(methods, model, pairs_path, n_pairs, cfg, seed_dir, seed, threads, precision)
     init_held = logps_cache(cache, "init_heldout", model, held)
     res = {"seed": seed, "pairs": pinfo, "n_heldout_pairs": len(held), "nll_cap": nll_cap, "methods": {}}
     evals = {"init": cached(cache, "eval_init", lambda: evaluate(model, model, eval_prompts, cfg, gold_fn, nll_cap))}
     pairs_by_id = {r["id"]: r for r in pairs}
-    for m in methods:
-        run_dir, wall, rc = runs[m]
-        if rc:
-            res["methods"][m] = {"error": f"exit {rc}, see {run_dir}/stdout.log"}
-            continue
-        info = R.count_tokens(run_dir, tokenizer, cfg["max_len"])
-        info["wall_seconds"] = cached(cache, f"wall_{m}", lambda: wall)
-        policy = info["final_policy"]
-        evals[m] = cached(cache, f"eval_{m}", lambda: evaluate(policy, model, eval_prompts, cfg, gold_fn, nll_cap))
-        held_irm = irm(logps_cache(cache, f"heldout_{m}", policy, held), init_held)
-        if m == "dpo_clean":
-            held_irm_clean = held_irm
-        rs = R.review_stats(run_dir, pairs_by_id) if m not in GOLD_DATA else []
-        res["methods"][m] = {**info, "heldout_irm_accuracy": V.check_reward_orders_pairs(
-            held_irm, [r["gold_chosen"] - r["gold_rejected"] for r in held])["accuracy"],
-            "review_auroc_flipped": [r["auroc_flipped"] for r in rs],
-            "review_flipped_share_dropped": [r["flipped_share_dropped"] for r in rs]}
-    res["validity"] = validity(seed_dir, model, pairs_path, cfg, seed, threads, precision, held, held_irm_clean,
+    held_irm = {}
+
+    def measure(names):
+        runs = run_methods(names, model, pairs_path, n_pairs, cfg, seed_dir, seed, threads, precision)
+        for m in names:
+            run_dir, wall, rc = runs[m]
+            if rc and m in ("dpo", "dpo_clean"):  # the validity checks and every comparison need both
+                raise SystemExit(f"quality: {m} failed (exit {rc}); see {run_dir}/stdout.log")
+            if rc:
+                res["methods"][m] = {"error": f"exit {rc}, see {run_dir}/stdout.log"}
+                continue
+            info = R.count_tokens(run_dir, tokenizer, cfg["max_len"])
+            info["wall_seconds"] = cached(cache, f"wall_{m}", lambda: wall)
+            policy = info["final_policy"]
+            evals[m] = cached(cache, f"eval_{m}", lambda: evaluate(policy, model, eval_prompts, cfg, gold_fn, nll_cap))
+            held_irm[m] = irm(logps_cache(cache, f"heldout_{m}", policy, held), init_held)
+            rs = R.review_stats(run_dir, pairs_by_id) if m not in GOLD_DATA else []
+            res["methods"][m] = {**info, "heldout_irm_accuracy": V.check_reward_orders_pairs(
+                held_irm[m], [r["gold_chosen"] - r["gold_rejected"] for r in held])["accuracy"],
+                "review_auroc_flipped": [r["auroc_flipped"] for r in rs],
+                "review_flipped_share_dropped": [r["flipped_share_dropped"] for r in rs]}
+
+    # validity first: the two DPO runs and the fold twins; the other methods only train where it has signal
+    measure(["dpo", "dpo_clean"])
+    res["validity"] = validity(seed_dir, model, pairs_path, cfg, seed, threads, precision, held, held_irm["dpo_clean"],
                                evals, cache)
+    R.log(f"seed {seed}: validity\n" + "\n".join(validity_lines({**res["validity"], **{
+        k: {**res["validity"][k], "per_seed": [res["validity"][k]]} for k in ("reward_orders_heldout_pairs",
+                                                                             "oof_flip_auroc")}})))
+    if res["validity"]["verdict"]["has_signal"] or rank_anyway:
+        measure([m for m in methods if m not in ("dpo", "dpo_clean")])
     for m, ev in evals.items():
         summ = res["methods"].setdefault(m, {})
         kinds = [k for k in ev["degenerate_kind"] if k]
@@ -317,7 +333,117 @@ def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, 
             if base in evals and base != m:
                 summ[f"vs_{base}"] = M.paired_difference(ev["guarded"], evals[base]["guarded"], seed=seed)
     res["guarded"] = {m: ev["guarded"] for m, ev in evals.items()}
+    res["hh"] = hh_table(out, cfg, model, seed, threads, precision)
     return res
+
+
+# ------------------------------------------------------------------------------------------- real human labels
+
+HH_METHODS = ("dpo", "cdpo", "sera_ss")
+
+
+def hh_table(out, cfg, model, seed, threads, precision):
+    """SmolLM2 trained on HH-RLHF harmless-base pairs (the project's embedded chat-format file: the first
+    `hh_train` pairs) by DPO, cDPO and SeRA-SS with equal training pairs; each final policy's implicit reward is
+    scored on the last `hh_eval` pairs of the file (never trained on) through the product's --eval.dataset:
+    the share of held-out human preferences it orders correctly."""
+    from sera_openrlhf.assets import default_dataset_path
+
+    if not cfg["hh_train"]:
+        return None
+    hh_dir = os.path.join(out, f"hh_seed_{seed}")
+    os.makedirs(hh_dir, exist_ok=True)
+    rows = R.read_jsonl(default_dataset_path(chat=True))
+    train, held = rows[: cfg["hh_train"]], rows[-cfg["hh_eval"]:]
+    assert not {r["id"] for r in train} & {r["id"] for r in held}
+    paths = {}
+    for name, part in (("train", train), ("heldout", held)):
+        paths[name] = os.path.join(hh_dir, f"{name}.jsonl")
+        if not os.path.exists(paths[name]):
+            R.write_jsonl(paths[name], part)
+    hh_cfg = {**cfg, "max_len": 192, "micro_batch_size": 4}
+    result = {"n_train": len(train), "n_heldout": len(held), "methods": {}}
+    for name in HH_METHODS:
+        run_dir = os.path.join(hh_dir, name)
+        cmd = command(name, model, paths["train"], len(train), hh_cfg, hh_dir, seed, run_dir, precision)
+        cmd += ["--data.apply_chat_template", "--eval.dataset", paths["heldout"], "--sera.prompts",
+                paths["train"]]  # bootstrapping is off for these three; --sera.prompts only has to exist
+        _, wall, rc = R.run_method(f"hh_{name}", cmd, run_dir, seed, env(threads))
+        if rc:
+            result["methods"][name] = {"error": f"exit {rc}, see {run_dir}/stdout.log"}
+            continue
+        state = json.load(open(os.path.join(run_dir, "sera_state.json")))
+        last = state["iterations"][str(max(int(t) for t in state["iterations"]))]
+        ev = last["train"].get("eval") or {}
+        result["methods"][name] = {"heldout_accuracy": ev.get("acc_mean"), "heldout_loss": ev.get("eval_loss"),
+                                   "per_iteration": {t: (v.get("train", {}).get("eval") or {}).get("acc_mean")
+                                                     for t, v in state["iterations"].items()}}
+    return result
+
+
+# ------------------------------------------------------------------------------------------- validity sweep
+
+
+def sweep_cell(out, seed, cfg, samples, n_prompts, gold_fn, spurious_fn, threads, precision, tokenizer, model):
+    """The validity checks for another pair construction (samples per prompt) and data size (prompts): a run of
+    only the two DPO methods and the fold twins, on pairs cut from the same cached samples, judged on the same
+    held-out pairs and evaluation prompts as the main run."""
+    import shutil
+
+    cell_out = os.path.join(out, "sweep", f"{samples}x{n_prompts}")
+    main_seed, cell_seed = os.path.join(out, f"seed_{seed}"), os.path.join(cell_out, f"seed_{seed}")
+    os.makedirs(cell_seed, exist_ok=True)
+    if not os.path.exists(os.path.join(cell_out, "assets")):
+        os.symlink(os.path.join(out, "assets"), os.path.join(cell_out, "assets"))
+    for name in ("train_samples.jsonl", "heldout_samples.jsonl"):
+        if not os.path.exists(os.path.join(cell_seed, name)):
+            shutil.copyfile(os.path.join(main_seed, name), os.path.join(cell_seed, name))
+    main_cache = json.load(open(os.path.join(main_seed, "measure_cache.json")))
+    for key in ("nll_cap", "eval_init", "init_heldout"):
+        cached(os.path.join(cell_seed, "measure_cache.json"), key, lambda: main_cache[key])
+    cell_cfg = {**cfg, "n_prompts": n_prompts, "pair_samples": samples, "hh_train": 0}
+    res = seed_run(cell_out, seed, cell_cfg, ["dpo", "dpo_clean"], gold_fn, spurious_fn, threads, precision,
+                   tokenizer, model)
+    return {"samples": samples, "n_prompts": n_prompts, "n_pairs": res["pairs"]["n_pairs"],
+            "median_gold_gap": res["pairs"]["median_gold_gap"], "validity": res["validity"]}
+
+
+def write_sweep(out, cells):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# Validity checks against pair construction and data size (SmolLM2 testbed)", "",
+             "| samples per prompt | prompts | pairs | median gold gap | 1: clean vs noisy DPO guarded gold | "
+             "2: held-out IRM ordering | 3: out-of-fold flip AUROC | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for c in sorted(cells, key=lambda c: (c["samples"], c["n_prompts"])):
+        v = c["validity"]
+        c1, c2, c3 = v["label_noise_hurts"], v["reward_orders_heldout_pairs"], v["oof_flip_auroc"]
+        mark = lambda x: "pass" if x["pass"] else "FAIL"  # noqa: E731
+        lines.append(f"| {c['samples']} | {c['n_prompts']} | {c['n_pairs']} | {c['median_gold_gap']:.2f} | "
+                     f"{c1['clean']['mean']:.3f} vs {c1['noisy']['mean']:.3f} ({mark(c1)}) | "
+                     f"{100 * c2['accuracy']:.1f} % ({mark(c2)}) | {c3['auroc']:.3f} [{c3['lo']:.3f}, {c3['hi']:.3f}] "
+                     f"({mark(c3)}) | {'signal' if v['verdict']['has_signal'] else 'no signal'} |")
+    R.write_text(os.path.join(out, "sweep.md"), "\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k in sorted({c["samples"] for c in cells}):
+        row = sorted((c for c in cells if c["samples"] == k), key=lambda c: c["n_pairs"])
+        x = [c["n_pairs"] for c in row]
+        axes[0].plot(x, [c["validity"]["oof_flip_auroc"]["auroc"] for c in row], "o-", label=f"{k} samples/prompt")
+        axes[1].plot(x, [c["validity"]["reward_orders_heldout_pairs"]["accuracy"] for c in row], "o-",
+                     label=f"{k} samples/prompt")
+    axes[0].axhline(0.5, color="k", lw=0.8, ls="--")
+    axes[1].axhline(V.ORDER_MIN, color="k", lw=0.8, ls="--")
+    axes[0].set_title("out-of-fold flip AUROC (check 3)")
+    axes[1].set_title("held-out IRM ordering (check 2)")
+    for ax in axes:
+        ax.set_xlabel("pairs")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "sweep.png"), dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- aggregate and report
@@ -413,6 +539,23 @@ def write_report(out, table, checks, methods, info):
             f"{100 * a['degenerate_share']['mean']:.1f} % | {num('heldout_irm_accuracy', '{:.3f}')} | {auroc} | ")
         lines[-1] += (f"{num('train_pairs')} | {num('train_tokens')} | {num('review_scoring_tokens')} | "
                       f"{num('generated_tokens')} | {num('wall_seconds')} |")
+    for what, err in info.get("errors", {}).items():
+        lines.append(f"| {what} | **failed**: {err} |" + " |" * 11)
+    hh = [s for s in info.get("hh", []) if s]
+    if hh:
+        lines += ["", "## Real human labels: held-out HH-RLHF harmless-base pairs", "",
+                  f"SmolLM2 trained on the first {hh[0]['n_train']} pairs of the embedded HH-RLHF harmless-base "
+                  f"file (chat format) with equal training pairs per method; share of the last {hh[0]['n_heldout']} "
+                  "pairs (never trained on) whose human-preferred response gets the higher implicit reward "
+                  "(the product's --eval.dataset accuracy after the last iteration; chance 0.5).", "",
+                  "| method | held-out preference accuracy | per iteration |", "|---|---|---|"]
+        for name in HH_METHODS:
+            accs = [s["methods"].get(name, {}).get("heldout_accuracy") for s in hh]
+            accs = [a for a in accs if a is not None]
+            per = hh[0]["methods"].get(name, {}).get("per_iteration", {})
+            lines.append(f"| {METHODS[name][0]} | {V.mean(accs):.3f} | "
+                         + ", ".join(f"{t}: {a:.3f}" for t, a in sorted(per.items()) if a is not None) + " |"
+                         if accs else f"| {METHODS[name][0]} | – | – |")
     text = "\n".join(lines) + "\n"
     R.write_text(os.path.join(out, "results.md"), text)
     return text
@@ -462,6 +605,12 @@ def main(argv):
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="--sera.precision of every run (auto: bf16 only where this machine runs it faster)")
+    ap.add_argument("--rank-anyway", action="store_true",
+                    help="train and tabulate every method even when a validity check fails (default: stop after "
+                         "the validity checks; the table is then not a ranking)")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="SxP",
+                    help="after the main run, the validity checks for other pair constructions and sizes, e.g. "
+                         "2x384 4x96 4x192 (S samples per prompt, P prompts <= the size's prompts); first seed only")
     args = ap.parse_args(argv)
     for need in ("dpo", "dpo_clean"):  # the validity checks and the baseline of every comparison
         if need not in args.methods:
@@ -479,17 +628,36 @@ def main(argv):
     per_seed = []
     for seed in args.seeds:
         per_seed.append(seed_run(out, seed, cfg, args.methods, gold_fn, spurious_fn, args.threads, args.precision,
-                                 tokenizer, model))
+                                 tokenizer, model, args.rank_anyway))
         table, checks = aggregate(per_seed, args.methods)
         info = {"testbed": "smollm2", "size": args.size, "seeds": [s["seed"] for s in per_seed], "config": cfg,
                 "flip_share": FLIP, "beta": BETA, "gold": args.gold, "spurious": args.spurious,
                 "training": "full fine-tuning, fp32 or bf16 per --sera.precision, ZeRO-0, packed training",
                 "threads": args.threads, "wall_seconds_this_invocation": round(time.time() - t0, 1),
-                "command": " ".join(["python benchmarks/quality/run.py"] + list(argv))}
+                "command": " ".join(["python benchmarks/quality/run.py"] + list(argv)),
+                "hh": [s.get("hh") for s in per_seed],
+                "errors": {f"seed {s['seed']}: {m}": d["error"] for s in per_seed for m, d in s["methods"].items()
+                           if "error" in d}}
         R.write_text(os.path.join(out, "results.json"), json.dumps(
             {"info": info, "validity": checks, "summary": table,
              "per_seed": [{k: v for k, v in s.items() if k != "guarded"} for s in per_seed]}, indent=1))
         md = write_report(out, table, checks, args.methods, info)
         write_plot(out, table, args.methods)
         R.log(f"seed {seed} done\n{md}")
+    if args.sweep:
+        main_res = per_seed[0]
+        cells = [{"samples": cfg["pair_samples"], "n_prompts": cfg["n_prompts"], "n_pairs": main_res["pairs"]["n_pairs"],
+                  "median_gold_gap": main_res["pairs"]["median_gold_gap"], "validity": main_res["validity"]}]
+        for spec in args.sweep:
+            k, n = (int(x) for x in spec.lower().split("x"))
+            if n > cfg["n_prompts"] or k > cfg["pair_samples"] or k < 2:
+                raise SystemExit(f"--sweep {spec}: needs 2 <= samples <= {cfg['pair_samples']} and prompts <= "
+                                 f"{cfg['n_prompts']} (the cached samples of --size {args.size})")
+            cells.append(sweep_cell(out, args.seeds[0], cfg, k, n, gold_fn, spurious_fn, args.threads,
+                                    args.precision, tokenizer, model))
+            R.write_text(os.path.join(out, "sweep.json"), json.dumps(cells, indent=1))
+            R.log("sweep so far\n" + write_sweep(out, cells))
+    if info["errors"]:
+        R.log(f"failed runs: {info['errors']}")
+        return 1
     return 0 if checks["verdict"]["has_signal"] else 3
