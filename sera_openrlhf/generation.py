@@ -101,24 +101,28 @@ def shard_prompts(n_prompts: int, num_samples: int, batch_size: int, rank: int, 
 
 
 class _RowSampler:
-    """A logits processor that samples each row with its own torch.Generator (temperature, then top-p) and
+    """A logits processor that samples each row from its own seeded CPU generator (temperature, then top-p) and
     leaves only the drawn token at 0 (every other logit -inf), so generate's greedy step takes it. Each request
-    (prompt, sample) draws from its own stream, seeded by `request_seed`, whatever else shares its batch."""
+    (prompt, sample) draws one uniform per step from its own stream, seeded by `request_seed`, whatever else
+    shares its batch; the token is found by inverse CDF in one batched search, so the per-row cost is one scalar
+    draw on the CPU and the draws are the same on any device."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
-        self.generators = None
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
             sorted_p, order = probs.sort(dim=-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        tokens = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
-        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        cdf = probs.double().cumsum(-1)
+        # right=True: the first token whose CDF exceeds u * mass, never one with probability 0
+        tokens = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True)
+        tokens = tokens.clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
 
 
 class HFGenerator:
