@@ -211,12 +211,22 @@ class ReferenceCache:
         hashes = [content_hash(c, r, p) for c, r, p in pair_items]
         todo: Dict[Hashable, int] = {}  # id -> first position needing a score
         seen: Dict[Hashable, str] = {}
+        # the same tokens under another id (e.g. the repeats of --sera.train_pairs) are scored once
+        cached_by_hash = {e[0]: e for e in self.entries.values()}
+        first_of_hash: Dict[str, int] = {}
+        copies: Dict[Hashable, int] = {}  # id -> position of the same content scored in this call
         for k, (i, h) in enumerate(zip(ids, hashes)):
             if seen.setdefault(i, h) != h:
                 raise DataError(f"example id {i!r} appears twice with different token ids; ids must be unique")
             e = self.entries.get(i)
-            if (e is None or e[0] != h) and i not in todo:
-                todo[i] = k
+            if (e is not None and e[0] == h) or i in todo or i in copies:
+                continue
+            if h in cached_by_hash:
+                self.entries[i] = cached_by_hash[h]
+            elif h in first_of_hash:
+                copies[i] = first_of_hash[h]
+            else:
+                first_of_hash[h] = todo[i] = k
         positions = list(todo.values())
         self.num_computed = len(positions)
         self.scored_per_rank = None  # sequences each rank scored for the misses (score_pairs' per_rank, summed)
@@ -237,6 +247,10 @@ class ReferenceCache:
                     int(chosen.num_tokens[j]),
                     int(rejected.num_tokens[j]),
                 )
+            self.save()
+        if copies:
+            for i, k in copies.items():
+                self.entries[i] = self.entries[ids[k]]
             self.save()
         hit, chosen, rejected = self.lookup(ids, hashes)
         assert bool(hit.all()), "every entry was just computed"

@@ -227,3 +227,18 @@ def test_duplicate_id_with_different_content_is_rejected(tmp_path, model, fp):
     fn = Counting(hf_logprob_fn(model))
     c, _ = cache.ensure([7, 7], [pairs[0], pairs[0]], fn, PAD, **KW)  # same content twice: scored once
     assert fn.rows == 2 and c[0] == c[1]
+
+
+def test_the_same_pair_under_other_ids_is_scored_once(tmp_path, model, fp):
+    """--sera.train_pairs repeats pairs under new ids (`<id>#2`): their tokens are scored once, in the same call
+    and in later calls, and every id reads the same values."""
+    pairs = make_pairs(4)
+    fn = Counting(hf_logprob_fn(model))
+    cache = ReferenceCache(tmp_path, fp)
+    ids = ["a", "b", "c", "d", "a#2", "c#2"]
+    chosen, rejected = cache.ensure(ids, pairs + [pairs[0], pairs[2]], fn, PAD, **KW)
+    assert cache.num_computed == 4 and fn.rows == 8 and len(cache) == 6
+    assert chosen[4] == chosen[0] and rejected[5] == rejected[2]
+    c2, _ = cache.ensure(["b#2", "d#3"], [pairs[1], pairs[3]], fn, PAD, **KW)
+    assert cache.num_computed == 0 and fn.rows == 8 and torch.equal(c2, chosen[[1, 3]])
+    assert ReferenceCache(tmp_path, fp).entries["c#2"] == cache.entries["c"]  # saved with the copies
