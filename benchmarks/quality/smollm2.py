@@ -52,7 +52,7 @@ METHODS = {
     "dpo_clean": ("offline DPO on gold labels (clean labels)", True, []),
 }
 DEFAULT_METHODS = list(METHODS)
-GOLD_DATA = {"dpo_oracle": "pairs_oracle.jsonl", "dpo_clean": "pairs_clean.jsonl"}
+GOLD_DATA = R.GOLD_DATA  # the reference points' gold-derived copies of pairs.jsonl (run.gold_derived_pairs)
 
 
 def env(threads):
@@ -113,14 +113,14 @@ def best_worst(rows, samples, gold_fn, prefix):
     return items
 
 
-def build_pairs(seed_dir, model, train_prompts, cfg, seed, gold_fn, spurious_fn, n_prompts=None, samples=None):
-    """The seed's noisy preference set (pairs.jsonl) and info; n_prompts/samples vary the construction (sweep)."""
-    n_prompts, samples = n_prompts or cfg["n_prompts"], samples or cfg["pair_samples"]
-    tag = "" if (n_prompts, samples) == (cfg["n_prompts"], cfg["pair_samples"]) else f"_{samples}x{n_prompts}"
-    path, info_path = os.path.join(seed_dir, f"pairs{tag}.jsonl"), os.path.join(seed_dir, f"pairs{tag}_info.json")
+def build_pairs(seed_dir, model, train_prompts, cfg, seed, gold_fn, spurious_fn):
+    """The seed's noisy preference set (pairs.jsonl) and its info: best/worst of the first `pair_samples` of the
+    cached samples of the first `n_prompts` prompts (a sweep cell passes its own cfg)."""
+    n_prompts, samples = cfg["n_prompts"], cfg["pair_samples"]
+    path, info_path = os.path.join(seed_dir, "pairs.jsonl"), os.path.join(seed_dir, "pairs_info.json")
     if os.path.exists(path) and os.path.exists(info_path):
         return path, json.load(open(info_path))
-    rows = sampled(seed_dir, "train_samples", model, train_prompts, cfg["pair_samples"], cfg, 10_000 + seed)
+    rows = sampled(seed_dir, "train_samples", model, train_prompts, samples, cfg, 10_000 + seed)
     items = best_worst(rows[:n_prompts], samples, gold_fn, "pair")
     pairs, info = M.label_pairs(items, gold_fn, spurious_fn, FLIP, seed)
     gaps = sorted(abs(r["gold_chosen"] - r["gold_rejected"]) for r in pairs)
@@ -129,21 +129,6 @@ def build_pairs(seed_dir, model, train_prompts, cfg, seed, gold_fn, spurious_fn,
     with open(info_path, "w") as f:
         json.dump(info, f)
     return path, info
-
-
-def gold_derived(seed_dir, pairs_path, name):
-    """pairs_oracle: only the gold-agreeing pairs; pairs_clean: every pair with its gold label."""
-    path = os.path.join(seed_dir, os.path.basename(pairs_path).replace("pairs", GOLD_DATA[name][:-6], 1))
-    if not os.path.exists(path):
-        out = []
-        for r in R.read_jsonl(pairs_path):
-            if r["gold_wrong"] and name == "dpo_clean":
-                r = {**r, "chosen": r["rejected"], "rejected": r["chosen"], "gold_chosen": r["gold_rejected"],
-                     "gold_rejected": r["gold_chosen"], "gold_wrong": False}
-            if not r["gold_wrong"]:
-                out.append(r)
-        R.write_jsonl(path, out)
-    return path
 
 
 # ------------------------------------------------------------------------------------------- methods
@@ -177,7 +162,7 @@ def command(name, model, data, n_pairs, cfg, seed_dir, seed, run_dir, precision)
 def run_methods(names, model, pairs_path, n_pairs, cfg, seed_dir, seed, threads, precision):
     out = {}
     for name in names:
-        data = gold_derived(seed_dir, pairs_path, name) if name in GOLD_DATA else pairs_path
+        data = R.gold_derived_pairs(seed_dir, name) if name in GOLD_DATA else pairs_path
         run_dir = os.path.join(seed_dir, name)
         cmd = command(name, model, data, n_pairs, cfg, seed_dir, seed, run_dir, precision)
         out[name] = R.run_method(name, cmd, run_dir, seed, env(threads))
