@@ -123,7 +123,11 @@ class ReviewConfig:
     selector: str = option("irm", "Selection callback: irm (built-in, uses the flags below), a registered name, "
                            "or an import path module:attr / file.py:attr")
     select_mode: str = option("top", "top: keep a share of pairs ranked by IRM; threshold: keep pairs whose IRM "
-                              "passes --sera.threshold", choices=("top", "threshold"))
+                              "passes --sera.threshold; soft: keep every pair, trained with a calibrated label "
+                              "confidence w from its IRM, w*loss(label) + (1-w)*loss(flipped), the mean of 1-w being "
+                              "the estimated flip rate; cDPO with --model.label_smoothing (the prior flip rate) "
+                              "where the review has no signal (sera_openrlhf.calibration)",
+                              choices=("top", "threshold", "soft"))
     keep_ratio: float = option(0.7, "Share of ALL offline pairs kept in top mode: k = max(min_keep, "
                                "round-half-up(keep_ratio * N)), capped by the pairs left after "
                                "--sera.drop_negative_irm", check=fraction(low_open=True))
@@ -282,6 +286,9 @@ class SeraConfig:
         if refit == "frozen" and not folds and self.loop.skip_first_training:
             raise ConfigError("--sera.review_refit frozen without --sera.crossfit_folds scores with the first-pass "
                               "policy, which --sera.skip_first_training skips")
+        if self.review.select_mode == "soft" and self.review.selector != "irm":
+            raise ConfigError(f"--sera.select_mode soft is the built-in calibration of the IRM; it cannot be combined "
+                              f"with --sera.selector {self.review.selector} (a selector may return weights instead)")
         if self.bootstrap.vllm_engines and self.bootstrap.generation_backend != "vllm":
             raise ConfigError(f"--sera.vllm_engines {self.bootstrap.vllm_engines} needs --sera.generation_backend "
                               "vllm")

@@ -168,7 +168,7 @@ def run_sera(args, cfg: SeraConfig, daa_loss: DAALoss) -> str:
         state.data["precision"] = getattr(args, "_sera_precision", None)  # --sera.precision's choice and probe
         state.save()
         ctx = RunContext(cfg, layout, state, backend, daa_loss, spec, offline.rows, offline.use_prompt_key,
-                         prompts, args.train.seed)
+                         prompts, args.train.seed, args.model.label_smoothing)
         try:
             final = Driver(ctx, PhaseMetrics(logger_settings(args), strategy.is_rank_0())).run()
         finally:

@@ -323,3 +323,24 @@ def implicit_reward(loss: DAALoss, logps: Tensor, ref_logps: Optional[Tensor] = 
                     lengths: Optional[Tensor] = None) -> Tensor:
     """The implicit reward [B] that `loss` trains; IRM = implicit_reward(chosen) - implicit_reward(rejected)."""
     return loss.implicit_reward(logps, ref_logps, lengths)
+
+
+def swapped(batch: PreferenceBatch) -> PreferenceBatch:
+    """The same pairs with chosen and rejected exchanged (the flipped labels)."""
+    return PreferenceBatch(batch.policy_rejected_logps, batch.policy_chosen_logps, batch.reference_rejected_logps,
+                           batch.reference_chosen_logps, batch.rejected_lengths, batch.chosen_lengths)
+
+
+def soft_label_losses(loss: DAALoss, batch: PreferenceBatch, confidence: Tensor) -> LossOutput:
+    """Per-pair soft labels (--sera.select_mode soft): w·ℓ(x, y_w, y_l) + (1 − w)·ℓ(x, y_l, y_w), [B].
+
+    confidence w: Tensor[B] in [0, 1], the probability that the label is right. For DPO this is cDPO (Mitchell
+    2023, Eq. 3) with a per-pair ε = 1 − w; with w = 1 − ε for every pair it is exactly `DPOLoss(label_smoothing=ε)`.
+    Works for any loss: the flipped term is the loss of the swapped pair. Rewards are those of the pair as labelled.
+    """
+    out = loss(batch)
+    if bool((confidence >= 1).all()):
+        return out
+    w = confidence.to(out.losses.dtype)
+    return LossOutput(w * out.losses + (1 - w) * loss(swapped(batch)).losses, out.chosen_rewards,
+                      out.rejected_rewards)

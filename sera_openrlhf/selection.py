@@ -101,7 +101,10 @@ def select_threshold(table: PairTable, config: SelectionConfig) -> list[str]:
 
 @SELECTORS.register("irm")
 def select_irm(table: PairTable, config: SelectionConfig) -> list[str]:
-    """The default selector: 'top' or 'threshold' according to config.mode."""
+    """The default selector: 'top' or 'threshold' according to config.mode ('soft' keeps every pair and is applied
+    by the review phase itself: its output is a confidence per pair, not a selection)."""
+    if config.mode == "soft":
+        raise ConfigError("--sera.select_mode soft is not a selection; the review phase calibrates confidences")
     return (select_top if config.mode == "top" else select_threshold)(table, config)
 
 

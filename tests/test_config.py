@@ -134,3 +134,21 @@ def test_stock_loss_flags_that_a_sera_loss_would_ignore_are_refused(flags, needl
     assert needle in str(e.value)
     ok = parse_args(["--model.model_name_or_path", "m", "--data.dataset", "d", "--model.ipo_enable"])
     assert type(build_daa_loss(ok, sera_config(ok))).__name__ == "IPOLoss"
+
+
+def test_soft_review_takes_label_smoothing_as_its_prior_and_refuses_what_it_cannot_combine():
+    from sera_openrlhf.cli.train_dpo import build_daa_loss, parse_args, sera_config
+
+    def loss(*flags):
+        args = parse_args(["--model.model_name_or_path", "m", "--data.dataset", "d", "--sera.enable", *flags])
+        return build_daa_loss(args, sera_config(args))
+
+    # the prior flip rate reaches the loss as per-pair confidences, so the loss itself is unsmoothed
+    assert loss("--sera.select_mode", "soft", "--model.label_smoothing", "0.2").label_smoothing == 0.0
+    assert loss("--model.label_smoothing", "0.2").label_smoothing == 0.2
+    assert type(loss("--sera.select_mode", "soft", "--model.label_smoothing", "0.2", "--sera.loss", "simpo")
+                ).__name__ == "SimPOLoss"
+    with pytest.raises(ConfigError, match="cannot be combined with --sera.loss robust"):
+        loss("--sera.select_mode", "soft", "--sera.loss", "robust")
+    with pytest.raises(ConfigError, match="cannot be combined with --sera.selector my.mod:fn"):
+        parse("--sera.enable", "--sera.select_mode", "soft", "--sera.selector", "my.mod:fn")

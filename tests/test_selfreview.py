@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from statistics import NormalDist
 
 import pytest
@@ -225,3 +226,63 @@ def test_frozen_review_scores_with_the_first_pass_policy(tiny_model, tiny_data, 
     policy_2 = str(run_dir / "iter_2" / "policy")
     pi2 = hf_review({r["id"]: policy_2 for r in rows}, tiny_model, rows)
     assert max(abs(pi2[i][2] - expected[i][2]) for i in expected) > 1e-2
+
+
+def safetensors_max_diff(a, b) -> tuple[float, float]:
+    """(max abs difference, largest abs weight) between two saved checkpoints' tensors."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    return (max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta),
+            max(float(t.abs().max()) for t in ta.values()))
+
+
+@pytest.mark.slow
+def test_soft_review_without_signal_trains_exactly_like_cdpo(tiny_model, tmp_path):
+    """--sera.select_mode soft whose cross-fitted review has no signal (forced with an unreachable 100 % agreement)
+    gives every pair the confidence 1 - --model.label_smoothing, so both iterations train as cDPO on every pair:
+    the same weights as a hard review that keeps every pair with the stock cDPO loss."""
+    rows = tiny.preference_pairs(32, flip_share=0.25, seed=6)
+    data = tiny.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
+    common = ("--model.beta", str(BETA), "--model.label_smoothing", "0.2", "--sera.enable", "--sera.iterations", "2",
+              "--sera.generated_share_max", "0", "--sera.review_refit", "crossfit", "--sera.crossfit_folds", "2",
+              "--sera.review_min_agreement", "1.0")
+    soft, cdpo = tmp_path / "soft", tmp_path / "cdpo"
+    proc = run_cli(base_flags(tiny_model, data, str(soft), *common, "--sera.select_mode", "soft"))
+    assert "Every pair gets the prior label confidence" in proc.stdout + proc.stderr
+    run_cli(base_flags(tiny_model, data, str(cdpo), *common, "--sera.keep_ratio", "1.0"))
+    for t in (1, 2):
+        assert [r["confidence"] for r in read_jsonl(soft / f"iter_{t}" / "train_set.jsonl")] == [0.8] * 32
+    review = read_jsonl(soft / "iter_2" / "review.jsonl")
+    assert all(r["kept"] and r["confidence"] == 0.8 for r in review)
+    state = json.loads((soft / "sera_state.json").read_text())
+    assert state["iterations"]["2"]["review"]["signal"]["action"] == "prior"
+    assert state["iterations"]["2"]["review"]["calibration"]["flip_rate"] == 0.2
+    assert "every pair at confidence 0.8" in (soft / "report" / "report.md").read_text()
+    diff, scale = safetensors_max_diff(str(soft / "iter_2" / "policy"), str(cdpo / "iter_2" / "policy"))
+    moved, _ = safetensors_max_diff(str(soft / "iter_2" / "policy"), tiny_model)
+    assert diff <= 1e-5 * scale and moved > 1e-3, (diff, moved, scale)
+
+
+@pytest.mark.slow
+def test_soft_review_gives_each_pair_a_calibrated_confidence(tiny_model, tmp_path):
+    """--sera.select_mode soft with signal: every pair is kept and trained with its own confidence, rising with
+    its IRM, whose mean shortfall (1 - w) is the estimated flip rate the state records."""
+    rows = tiny.preference_pairs(64, flip_share=0.25, seed=4)
+    data = tiny.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
+    run_dir = tmp_path / "run"
+    run_cli(base_flags(tiny_model, data, str(run_dir), "--adam.lr", "5e-4", "--model.beta", str(BETA),
+                       "--model.label_smoothing", "0.1", "--sera.enable", "--sera.iterations", "2",
+                       "--sera.generated_share_max", "0", "--sera.select_mode", "soft"))
+    review = read_jsonl(run_dir / "iter_2" / "review.jsonl")
+    cal = json.loads((run_dir / "sera_state.json").read_text())["iterations"]["2"]["review"]["calibration"]
+    assert cal["fallback"] is None, cal
+    conf = [r["confidence"] for r in sorted(review, key=lambda r: r["irm"])]
+    assert all(a <= b for a, b in zip(conf, conf[1:])) and conf[0] < 0.5 < conf[-1]
+    assert sum(1 - c for c in conf) / 64 == pytest.approx(cal["flip_rate"], abs=1e-9)
+    flipped = {r["id"]: r["flipped"] for r in rows}
+    assert pairwise_auroc([-r["confidence"] for r in review], [flipped[r["id"]] for r in review]) > 0.5
+    trained = {r["id"]: r["confidence"] for r in read_jsonl(run_dir / "iter_2" / "train_set.jsonl")}
+    assert trained == {r["id"]: r["confidence"] for r in review}  # every pair, with its own confidence
+    assert "estimated flip rate" in (run_dir / "report" / "report.md").read_text()

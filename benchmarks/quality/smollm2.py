@@ -281,14 +281,16 @@ def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, 
     def measure(names):
         runs = run_methods(names, model, pairs_path, n_pairs, cfg, seed_dir, seed, threads, precision)
         for m in names:
-            run_dir, wall, rc = runs[m]
+            run_dir, _, rc = runs[m]
             if rc and m in ("dpo", "dpo_clean"):  # the validity checks and every comparison need both
                 raise SystemExit(f"quality: {m} failed (exit {rc}); see {run_dir}/stdout.log")
             if rc:
                 res["methods"][m] = {"error": f"exit {rc}, see {run_dir}/stdout.log"}
                 continue
             info = R.count_tokens(run_dir, tokenizer, cfg["max_len"])
-            info["wall_seconds"] = cached(cache, f"wall_{m}", lambda: wall)
+            # the phases' seconds the run itself recorded: they survive a killed and resumed run, whose process
+            # wall time would count only its last part
+            info["wall_seconds"] = round(sum(info["seconds"].values()), 1)
             policy = info["final_policy"]
             evals[m] = cached(cache, f"eval_{m}", lambda: evaluate(policy, model, eval_prompts, cfg, gold_fn, nll_cap))
             held_irm[m] = irm(logps_cache(cache, f"heldout_{m}", policy, held), init_held)
@@ -596,12 +598,14 @@ def main(argv):
     ap.add_argument("--sweep", nargs="*", default=[], metavar="SxP",
                     help="after the main run, the validity checks for other pair constructions and sizes, e.g. "
                          "2x384 4x96 4x192 (S samples per prompt, P prompts <= the size's prompts); first seed only")
+    ap.add_argument("--no-hh", action="store_true",
+                    help="skip the HH-RLHF human-label table (e.g. for a second invocation that only runs --sweep)")
     args = ap.parse_args(argv)
     for need in ("dpo", "dpo_clean"):  # the validity checks and the baseline of every comparison
         if need not in args.methods:
             args.methods.insert(0, need)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    cfg = SIZES[args.size]
+    cfg = {**SIZES[args.size], **({"hh_train": 0} if args.no_hh else {})}
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "assets"), exist_ok=True)
     gold_fn, spurious_fn = M.load_callable(args.gold), M.load_callable(args.spurious)

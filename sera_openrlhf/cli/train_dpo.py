@@ -135,10 +135,16 @@ def build_daa_loss(args, cfg):
         raise ConfigError(f"--model.ipo_enable selects the IPO loss; it cannot be combined with --sera.loss {name}")
     if args.model.ipo_enable:  # the stock flag keeps its meaning
         name = "ipo"
-    if args.model.label_smoothing and name in ("ipo", "slic", "simpo", "rdpo"):
+    soft = cfg.loop.enable and cfg.review.select_mode == "soft"
+    if soft and name == "robust":
+        raise ConfigError("--sera.select_mode soft gives each pair its own label confidence (per-pair cDPO); it "
+                          "cannot be combined with --sera.loss robust, whose flip rate is one number for all pairs")
+    if args.model.label_smoothing and name in ("ipo", "slic", "simpo", "rdpo") and not soft:
         raise ConfigError(f"--model.label_smoothing (the label-flip rate of cDPO / robust DPO) applies to the dpo "
-                          f"and robust losses only, not to --sera.loss {name}")
-    daa_loss = build_loss(name, beta=args.model.beta, label_smoothing=args.model.label_smoothing,
+                          f"and robust losses only, not to --sera.loss {name} (except as the prior flip rate of "
+                          f"--sera.select_mode soft)")
+    # soft mode: label smoothing reaches the loss as each pair's confidence (1 - eps before the first review)
+    daa_loss = build_loss(name, beta=args.model.beta, label_smoothing=0.0 if soft else args.model.label_smoothing,
                           gamma=cfg.loss.simpo_gamma, alpha=cfg.loss.rdpo_alpha, delta=cfg.loss.slic_delta)
     if cfg.loop.enable and not callable(SELECTORS.get(cfg.review.selector, flag="--sera.selector")):
         raise ConfigError(f"--sera.selector {cfg.review.selector} is not callable")

@@ -43,8 +43,9 @@ def data_view(args, prompt_key):
 class IndexedRewardDataset(RewardDataset):
     """Items are stock `RewardDataset` items plus their row index; `ids`, `weights`, `nll_coefs` are per row.
 
-    rows: dicts with keys id, prompt, chosen, rejected and optionally weight (loss weight, default 1) and
-    nll_coef (extra NLL coefficient on the chosen response, default 0; used for bootstrapped pairs).
+    rows: dicts with keys id, prompt, chosen, rejected and optionally weight (loss weight, default 1),
+    nll_coef (extra NLL coefficient on the chosen response, default 0; used for bootstrapped pairs) and confidence
+    (probability that the label is right, default 1; --sera.select_mode soft).
     """
 
     def __init__(self, rows: Sequence[dict], tokenizer, max_length: int, args, input_template=None,
@@ -68,6 +69,7 @@ class IndexedRewardDataset(RewardDataset):
         self.ids = [str(r["id"]) for r in kept]
         self.weights = torch.tensor([float(r.get("weight", 1.0)) for r in kept], dtype=torch.float32)
         self.nll_coefs = torch.tensor([float(r.get("nll_coef", 0.0)) for r in kept], dtype=torch.float32)
+        self.confidences = torch.tensor([float(r.get("confidence", 1.0)) for r in kept], dtype=torch.float32)
         table = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                    for r in kept]) if kept else Dataset.from_dict(
             {"prompt": [], "chosen": [], "rejected": []})

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sera_openrlhf import events
 from sera_openrlhf.errors import NonFiniteError
-from sera_openrlhf.losses import DAALoss, PreferenceBatch
+from sera_openrlhf.losses import DAALoss, PreferenceBatch, soft_label_losses
 from sera_openrlhf.scoring import SequenceItem, actor_logprob_fn, packed_train_logps, packed_usable
 
 
@@ -94,11 +94,11 @@ class SeraDPOTrainer(DPOTrainer):
                     ref_c, ref_r, _, _ = self.concatenated_forward(
                         self.ref_model, chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens
                     )
-        out = self.daa_loss(PreferenceBatch(
+        out = soft_label_losses(self.daa_loss, PreferenceBatch(
             policy_chosen_logps=logp_sum[:B], policy_rejected_logps=logp_sum[B:],
             reference_chosen_logps=ref_c, reference_rejected_logps=ref_r,
             chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
-        ))
+        ), dataset.confidences[indices].to(device=device))
         weights = dataset.weights[indices].to(device=device, dtype=out.losses.dtype)
         nll_coefs = dataset.nll_coefs[indices].to(device=device, dtype=out.losses.dtype)
         preference_loss = (out.losses * weights).mean()

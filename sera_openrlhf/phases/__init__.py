@@ -35,6 +35,7 @@ class RunContext:
     use_prompt_key: bool
     prompts: list  # bootstrapping prompts {id, prompt}
     seed: int  # --train.seed
+    flip_prior: float = 0.0  # --model.label_smoothing: the prior label-flip rate of --sera.select_mode soft
 
     def phase_seed(self, t: int, phase: int) -> int:
         """Each phase seeds its RNGs from (seed, iteration, phase): a resumed run makes the same choices."""

@@ -11,10 +11,12 @@ from dataclasses import replace
 
 import torch
 
+from sera_openrlhf.calibration import flip_mixture, prior_only
 from sera_openrlhf.data import PairRecord, write_pairs
 from sera_openrlhf.fileio import read_jsonl
 from sera_openrlhf.phases import RunContext
-from sera_openrlhf.selection import SelectionConfig, apply_selector, assign_folds, review_signal, selection_stats
+from sera_openrlhf.selection import (SelectionConfig, SelectionResult, apply_selector, assign_folds, review_signal,
+                                     selection_stats)
 
 SCORE_COLUMNS = ("chosen_reward", "rejected_reward", "chosen_len", "rejected_len")
 
@@ -59,11 +61,15 @@ def check_signal(ctx: RunContext, t: int, irm, out_of_fold: bool, config: Select
     signal = review_signal(irm, out_of_fold=out_of_fold)
     signal["action"] = "select"
     if signal["lower_bound"] is not None and signal["lower_bound"] < rc.review_min_agreement:
-        keep_all = rc.no_signal == "keep_all"
+        keep_all = rc.no_signal == "keep_all" and rc.select_mode != "soft"
         signal["action"] = "keep_all" if keep_all else "warned"
         advice = ("Keeping every offline pair (--sera.no_signal keep_all)." if keep_all else
                   "Train the review policies longer or on more data, or pass --sera.no_signal keep_all to keep "
                   "every pair when this happens.")
+        if rc.select_mode == "soft":
+            signal["action"] = "prior"
+            advice = (f"Every pair gets the prior label confidence 1 - --model.label_smoothing "
+                      f"({1 - ctx.flip_prior:g}): cDPO.")
         ctx.backend.print(
             f"[sera] warning: self-review has no signal at iteration {t}: the out-of-fold implicit reward "
             f"agrees with {signal['label_agreement']:.1%} of {signal['n']} labels (95 % lower bound "
@@ -82,15 +88,25 @@ def run(ctx: RunContext, t: int) -> dict:
     table["irm_prev"] = [torch.tensor([p.get(i, float("nan")) for i in ids], dtype=torch.float64)
                          for p in (read_irm(ctx, u) for u in range(2, t))]
     signal, selector, config = check_signal(ctx, t, irm, bool(fold_of), SelectionConfig.from_review(ctx.cfg.review))
-    result = apply_selector(selector, table, config)
+    confidence = None
+    if config.mode == "soft":  # every pair stays; its label confidence goes to the loss
+        cal = (flip_mixture(irm, ctx.flip_prior) if signal["action"] == "select" else
+               prior_only(len(ids), ctx.flip_prior, "the out-of-fold agreement test failed"))
+        confidence = cal.confidence.tolist()
+        result = SelectionResult(torch.ones(len(ids), dtype=torch.bool), torch.ones(len(ids)), list(ids))
+    else:
+        result = apply_selector(selector, table, config)
     stats = selection_stats(table, result, previous_kept_ids=kept_ids(ctx, t - 1) if t >= 3 else None)
     stats["signal"] = signal
+    if confidence is not None:
+        stats["calibration"] = cal.stats()
     stats["n_prompt_too_long"] = len(scores["too_long"])
     ctx.write_rows(ctx.layout.review(t), [
         {"id": i, "irm": float(irm[n]), "chosen_reward": float(scores["chosen_reward"][n]),
          "rejected_reward": float(scores["rejected_reward"][n]), "chosen_len": int(scores["chosen_len"][n]),
          "rejected_len": int(scores["rejected_len"][n]), "fold": fold_of.get(i),
-         "kept": bool(result.kept_mask[n]), "weight": float(result.weights[n])}
+         "kept": bool(result.kept_mask[n]), "weight": float(result.weights[n]),
+         **({"confidence": confidence[n]} if confidence is not None else {})}
         for n, i in enumerate(ids)
     ])
     if ctx.backend.is_writer:

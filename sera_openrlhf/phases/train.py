@@ -39,8 +39,11 @@ def to_budget(ctx: RunContext, t: int, rows: list) -> list:
 
 
 def first_pass(ctx: RunContext) -> dict:
-    """Iteration 1: the DAA on every offline pair."""
-    rows = to_budget(ctx, 1, ctx.rows)
+    """Iteration 1: the DAA on every offline pair (soft mode: each with the prior confidence, i.e. cDPO)."""
+    rows = ctx.rows
+    if ctx.cfg.review.select_mode == "soft":
+        rows = [{**r, "confidence": 1.0 - ctx.flip_prior} for r in rows]
+    rows = to_budget(ctx, 1, rows)
     ctx.write_rows(ctx.layout.train_set(1), rows)
     stats = ctx.backend.train("iter1", rows, ctx.layout.policy(0), ctx.layout.reference(1),
                               ctx.layout.policy(1))
@@ -74,8 +77,10 @@ def pick_generated(ctx: RunContext, t: int, boot: list, n: int) -> list:
 
 
 def run(ctx: RunContext, t: int) -> dict:
-    weights = {r["id"]: r["weight"] for r in read_jsonl(ctx.layout.review(t)) if r["weight"] > 0}
-    offline = [{**r, "weight": weights[r["id"]]} for r in ctx.rows if r["id"] in weights]
+    review = {r["id"]: r for r in read_jsonl(ctx.layout.review(t)) if r["weight"] > 0}
+    offline = [{**r, "weight": review[r["id"]]["weight"],
+                **({"confidence": review[r["id"]]["confidence"]} if "confidence" in review[r["id"]] else {})}
+               for r in ctx.rows if r["id"] in review]
     path = ctx.layout.bootstrapped(t)
     boot = read_jsonl(path) if os.path.exists(path) else []  # sorted by margin
     share = generated_share(ctx.cfg.loop, t)

@@ -88,6 +88,7 @@ class IterationSummary:
     jaccard: float | None
     n_negative_irm: float | None
     review_signal: dict | None
+    calibration: dict | None  # --sera.select_mode soft: the fitted flip rate, its own AUROC estimate, fallback
     irm_quantiles: dict | None
     mean_len_offline: dict | None  # {"kept"|"dropped": {"chosen"|"rejected": mean length}}
     n_prompts: float | None
@@ -401,6 +402,7 @@ def _review_fields(it: _Iteration, reviews: dict[int, _Review]) -> dict:
             "mean_kept_irm": it.review_stat("mean_irm_kept"), "jaccard": num(jac),
             "n_negative_irm": it.review_stat("n_negative_irm"),
             "review_signal": signal if isinstance(signal, dict) else None,
+            "calibration": dig(it.review, "calibration") if isinstance(dig(it.review, "calibration"), dict) else None,
             "irm_quantiles": dig(it.review, "irm"),
             "mean_len_offline": dig(it.review, "mean_len") or it.review_files.get("mean_len")}
 

@@ -126,7 +126,8 @@ def _iterations(s: RunSummary) -> list[str]:
                  "generated (bootstrapped) pairs. *Offline kept* counts the pairs self-review kept; *generated* the "
                  "bootstrapped pairs that entered training (of *bootstrapped pairs* made); *guard drops* the "
                  "samples the fluency guard removed; *len* columns are mean token lengths, chosen / rejected.\n")
-    return lines + _review_signal(s.iterations) + _crossfit(s.iterations) + _eval(s.iterations)
+    return lines + _review_signal(s.iterations) + _calibration(s.iterations) + _crossfit(s.iterations) + \
+        _eval(s.iterations)
 
 
 def _iteration_cells(it: IterationSummary) -> list:
@@ -147,10 +148,24 @@ def _review_signal(iterations: list[IterationSummary]) -> list[str]:
     parts = [f"iteration {t}: {_fmt(num(g.get('label_agreement')), 'pct')} (95 % lower bound "
              f"{_fmt(num(g['lower_bound']), 'pct')})"
              + (" (**no signal**: selection kept every pair)" if g.get("action") == "keep_all" else
-                " (**no signal**: selection is random subsampling)" if g.get("action") == "warned" else "")
+                " (**no signal**: selection is random subsampling)" if g.get("action") == "warned" else
+                " (**no signal**: every pair got the prior confidence, cDPO)" if g.get("action") == "prior" else "")
              for t, g in sig]
     return ["Self-review signal (share of offline pairs whose out-of-fold IRM agrees with the label; chance "
             "is 50 %): " + "; ".join(parts) + ".\n"]
+
+
+def _calibration(iterations: list[IterationSummary]) -> list[str]:
+    cal = [(it.iteration, it.calibration) for it in iterations if it.calibration]
+    if not cal:
+        return []
+    parts = [f"iteration {t}: " + (f"no signal ({c['fallback']}), every pair at confidence "
+                                   f"{_fmt(1 - num(c.get('flip_rate')))} (cDPO)" if c.get("fallback") else
+                                   f"estimated flip rate {_fmt(num(c.get('flip_rate')), 'pct')}, estimated "
+                                   f"flip-detection AUROC {_fmt(num(c.get('est_flip_auroc')))}")
+             for t, c in cal]
+    return ["Soft review (`--sera.select_mode soft`: every pair trained with its label confidence, the mean "
+            "shortfall being the flip rate the fit estimates, gold-free): " + "; ".join(parts) + ".\n"]
 
 
 def _crossfit(iterations: list[IterationSummary]) -> list[str]:

@@ -1,0 +1,101 @@
+"""Soft self-review: a calibrated probability that each offline pair's label is right, from its IRM alone.
+
+Hard top-k selection only beats training on every pair when the review signal is strong; with a weak one it
+throws away more clean pairs than flipped ones (docs/concepts.md, "How strong must the review signal be").
+`--sera.select_mode soft` keeps every pair and turns its IRM into a label confidence w = P(label right | IRM);
+training then uses w·ℓ(h) + (1 − w)·ℓ(−h) (`losses.soft_label_losses`), the per-pair form of cDPO.
+
+The model (gold-free): a pair whose label is right has an IRM drawn from N(μ, σ²) with μ > 0, a flipped pair the
+mirror image N(−μ, σ²), a share ε of the labels is flipped. The fit is EM for this symmetric two-component
+mixture; its fixed point has mean(1 − w) = ε̂, so the confidences spend exactly the estimated noise rate. The
+same fit gives a gold-free estimate of how well the review detects flips: AUROC = Φ(√2 · μ / σ).
+
+With no signal the mixture says nothing about single pairs: IRMs symmetric about 0 fit as ε̂ → 0.5 with any μ.
+So when the labels' net shift (1 − 2ε̂)·μ/σ, the mean IRM in units of its spread, is below `min_shift` (or the
+caller's out-of-fold test failed), every pair gets w = 1 − ε₀ (the prior flip rate, `--model.label_smoothing`):
+exactly cDPO.
+
+Plain torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Calibration:
+    """confidence: Tensor[N] float64 in [0, 1], P(label right | IRM). The other fields are JSON-ready stats."""
+
+    confidence: torch.Tensor
+    flip_rate: float  # ε̂ = mean(1 − confidence)
+    mu: float | None
+    sigma: float | None
+    est_flip_auroc: float | None  # Φ(√2 μ/σ): the fit's own estimate of the review's flip-detection AUROC
+    fallback: str | None  # why every pair got 1 − ε₀, or None when the mixture was used
+    iterations: int
+
+    def stats(self) -> dict:
+        out = asdict(self)
+        out.pop("confidence")
+        c = self.confidence
+        out["confidence_quantiles"] = ({q: float(torch.quantile(c, p)) for q, p in
+                                        (("p5", 0.05), ("p50", 0.5), ("p95", 0.95))} if c.numel() else None)
+        return out
+
+
+def flip_mixture(irm, prior_flip_rate: float, min_shift: float = 0.1, max_iter: int = 500,
+                 tol: float = 1e-10) -> Calibration:
+    """Fit the symmetric mixture (1 − ε)·N(μ, σ²) + ε·N(−μ, σ²) to `irm` (Tensor[N] or list) by EM.
+
+    prior_flip_rate: ε₀ in [0, 0.5), the fallback confidence is 1 − ε₀ and the EM starts from it (0.1 if 0).
+    min_shift: below this net shift (1 − 2ε̂)·μ/σ the review is called signal-free and the fallback is used.
+    """
+    m = torch.as_tensor(irm, dtype=torch.float64).flatten()
+    n = m.numel()
+    if not 0.0 <= prior_flip_rate < 0.5:
+        raise ValueError(f"prior flip rate must be in [0, 0.5), got {prior_flip_rate}")
+
+    def fallback(reason: str, mu=None, sigma=None, iterations=0) -> Calibration:
+        return prior_only(n, prior_flip_rate, reason, mu, sigma, iterations)
+
+    if n < 2 or float(m.std()) == 0.0:
+        return fallback("fewer than 2 distinct margins")
+    eps = prior_flip_rate or 0.1
+    mu = float(m.abs().mean())
+    sigma = float(m.std())
+    it = 0
+    for it in range(1, max_iter + 1):
+        # E step: P(flipped | m) = σ(−(2μm/σ² + log((1 − ε)/ε)))
+        logit_right = 2 * mu * m / sigma**2 + math.log((1 - eps) / eps)
+        r = torch.sigmoid(-logit_right)
+        # M step for ε, μ (the flipped component's mean is −μ) and the shared σ
+        new_eps = float(r.mean())
+        new_mu = float(((1 - 2 * r) * m).mean())
+        new_sigma = math.sqrt(float(((1 - r) * (m - new_mu) ** 2 + r * (m + new_mu) ** 2).mean()))
+        new_eps = min(max(new_eps, 1e-6), 0.5 - 1e-6)  # keep the log-odds finite; ε ≥ 0.5 would swap the labels
+        done = abs(new_eps - eps) + abs(new_mu - mu) + abs(new_sigma - sigma) < tol
+        eps, mu, sigma = new_eps, new_mu, max(new_sigma, 1e-12)
+        if done:
+            break
+    shift = (1 - 2 * eps) * mu / sigma
+    if shift < min_shift:
+        return fallback(f"no signal: the labels' net IRM shift (1 - 2 eps) mu / sigma = {shift:.3f} < {min_shift}",
+                        mu, sigma, it)
+    confidence = torch.sigmoid(2 * mu * m / sigma**2 + math.log((1 - eps) / eps))
+    return Calibration(confidence, float((1 - confidence).mean()), mu, sigma, _auroc(mu, sigma), None, it)
+
+
+def prior_only(n: int, prior_flip_rate: float, reason: str, mu: float | None = None, sigma: float | None = None,
+               iterations: int = 0) -> Calibration:
+    """Every one of n pairs gets confidence 1 − ε₀: cDPO with label smoothing ε₀."""
+    return Calibration(torch.full((n,), 1.0 - prior_flip_rate, dtype=torch.float64), prior_flip_rate, mu, sigma,
+                       None if mu is None else _auroc(mu, sigma), reason, iterations)
+
+
+def _auroc(mu: float, sigma: float) -> float:
+    """AUROC of ranking N(μ, σ²) above N(−μ, σ²): Φ(2μ / (σ√2)) = Φ(√2 μ/σ)."""
+    return 0.5 * (1.0 + math.erf(mu / sigma))
