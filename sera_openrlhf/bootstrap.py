@@ -77,6 +77,17 @@ def ensemble_rewards(rewards: torch.Tensor, weights: list[float]) -> torch.Tenso
     return (w * rewards).sum(dim=0)
 
 
+def ensemble_spread(rewards: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Weighted standard deviation of implicit rewards over policies: [K, P, S] → [P, S] (0 for one policy).
+
+    The conservative judge (--sera.judge_lambda) scores a sample pessimistically by mean ∓ λ·spread: where the
+    ensemble's members disagree about a sample, the pair built on it is less trustworthy (CREAM, arXiv 2410.12735,
+    weights pairs by the consistency of two iterations' rankings; pessimism over an ensemble is the same idea)."""
+    mean = ensemble_rewards(rewards, weights)
+    w = torch.tensor(weights, dtype=rewards.dtype, device=rewards.device).view(-1, 1, 1)
+    return ((w * (rewards - mean) ** 2).sum(dim=0)).clamp_min(0).sqrt()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Fluency guard
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,6 +300,9 @@ def make_pairs(
     alpha: float = 0.0,
     drop_truncated: bool = True,
     top_fraction: float = 1.0,
+    spread: torch.Tensor | None = None,
+    judge_lambda: float = 0.0,
+    members: torch.Tensor | None = None,
 ) -> tuple[list[BootstrapPair], dict]:
     """One (chosen, rejected) pair per prompt from S scored samples.
 
@@ -301,6 +315,11 @@ def make_pairs(
     that labelled it; == margin when α = 0) is below `min_margin`, or is 0 (all candidates tie); then the
     `top_fraction` of the remaining pairs with the largest debiased margin is kept (at least one). Pairs are
     returned by prompt index.
+
+    Conservative judge: with `spread` [P, S] (`ensemble_spread`) and judge_lambda λ > 0, chosen = argmax of
+    score − λ·spread and rejected = argmin of score + λ·spread, and the debiased margin is that pessimistic gap.
+    With `members` [K, P, S] (the policies' own rewards, those with weight > 0), a pair is kept only when every
+    member prefers its chosen sample (unanimity; counted as `not_unanimous`).
 
     stats: prompts, pairs, the per-prompt reasons for no pair (too_few_valid: < 2 candidates before
     de-duplication, duplicate_texts: all candidates have the same text, below_min_margin, top_fraction_cut),
@@ -324,7 +343,11 @@ def make_pairs(
     before_dedup = (valid & ~truncated if drop_truncated else valid).sum(dim=1)
     n_candidates = mask.sum(dim=1)
     score = r - alpha * ln
-    chosen, rejected = _chosen_rejected(score, mask)
+    lo = hi = score
+    if spread is not None and judge_lambda > 0:
+        lo, hi = score - judge_lambda * spread.double(), score + judge_lambda * spread.double()
+    chosen, _ = _chosen_rejected(lo, mask)
+    _, rejected = _chosen_rejected(hi, mask)
 
     stats = {
         "prompts": n_prompts,
@@ -333,6 +356,7 @@ def make_pairs(
         "duplicate_texts": 0,
         "below_min_margin": 0,
         "top_fraction_cut": 0,
+        "not_unanimous": 0,
         "truncated_dropped": int((valid & truncated).sum()) if drop_truncated else 0,
         "alpha": float(alpha),
     }
@@ -345,9 +369,12 @@ def make_pairs(
             stats["duplicate_texts"] += 1
             continue
         c, j = int(chosen[p]), int(rejected[p])
-        pair = BootstrapPair(p, c, j, (r[p, c] - r[p, j]).item(), (score[p, c] - score[p, j]).item())
+        pair = BootstrapPair(p, c, j, (r[p, c] - r[p, j]).item(), (lo[p, c] - hi[p, j]).item())
         if c == j or pair.debiased_margin < min_margin:  # c == j: all candidates tie, nothing to prefer
             stats["below_min_margin"] += 1
+            continue
+        if members is not None and not bool((members[:, p, c] > members[:, p, j]).all()):
+            stats["not_unanimous"] += 1
             continue
         pairs.append(pair)
 
@@ -381,11 +408,15 @@ def no_pair_cause(stats: dict, valid: torch.Tensor, truncated: torch.Tensor, dro
                     f"{n - int(valid.sum())} (--sera.fluency_floor, --sera.fluency_quantile)")
         return (f"the fluency guard left fewer than 2 of {n} samples per prompt: lower --sera.fluency_floor / "
                 "--sera.fluency_quantile, or raise --sera.num_samples")
+    if stats["not_unanimous"] >= max(stats["too_few_valid"], stats["below_min_margin"], stats["duplicate_texts"]):
+        return ("the ensemble's policies disagree on every pair (--sera.judge_unanimous): drop the flag, or lower "
+                "--sera.ensemble_k")
     if stats["duplicate_texts"] >= max(stats["too_few_valid"], stats["below_min_margin"]):
         return ("the samples of each prompt are identical: raise --sera.temperature (or --sera.top_p) or "
                 "--sera.num_samples")
     if stats["below_min_margin"] >= stats["too_few_valid"]:
-        return "every pair's ensembled reward margin is below --sera.min_margin (or all rewards tie): lower it"
+        return ("every pair's ensembled reward margin is below --sera.min_margin (or all rewards tie; with "
+                "--sera.judge_lambda, the pessimistic margin): lower it")
     return (f"too few usable samples per prompt ({stats['too_few_valid']} of {stats['prompts']} prompts): raise "
             "--sera.num_samples or relax --sera.fluency_floor / --sera.fluency_quantile")
 

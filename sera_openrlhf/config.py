@@ -62,6 +62,11 @@ class LoopConfig:
                                          "the same schedule whatever --sera.iterations", check=fraction())
     generated_share_max: float = option(0.5, "Cap on the generated pairs' share of the training mix",
                                         check=fraction(high_open=True))
+    share_min_auroc: float = option(0.0, "Adaptive generated share (0 = off, the fixed schedule above): the share "
+                                    "grows by --sera.generated_share_step while the review's gold-free estimate of "
+                                    "its own flip-detection AUROC (review.calibration) is at least this, and "
+                                    "shrinks by the same step when it falls below or the review has no signal: the "
+                                    "same implicit reward judges the generated pairs", check=fraction())
     generated_pick: str = option("random", "Which bootstrapped pairs fill the generated share when there are more "
                                  "than it holds: a seeded random subset, or the largest ensembled margins",
                                  choices=("random", "margin"))
@@ -147,6 +152,10 @@ class ReviewConfig:
                                          "self-review to count as having a signal", check=fraction())
     no_signal: str = option("warn", "What a cross-fitted review without signal does: warn and select anyway, or "
                             "keep_all (train on every offline pair that iteration)", choices=("warn", "keep_all"))
+    review_average: int = option(1, "Rank and calibrate by the IRM averaged over this many reviews (the current "
+                                 "and the K-1 before it: the margin's area under the training trajectory, as in "
+                                 "dataset cartography), which steadies a noisy single-checkpoint margin",
+                                 check=at_least(1))
     review_refit: str = option("current", "Which policies score the offline pairs at iteration t. current: "
                                "pi_{t-1}, in-sample, each iteration. crossfit: each of --sera.crossfit_folds folds by "
                                "a twin of pi_{t-1} trained without that fold, refit each iteration. frozen: the "
@@ -194,6 +203,12 @@ class BootstrapConfig:
                                       check=fraction(low_open=True))
     length_debias: bool = option(False, "Rank samples by r - alpha*length with alpha fitted so chosen and rejected "
                                  "have equal mean length (DICE)")
+    judge_lambda: float = option(0.0, "Conservative judge: pick the chosen sample by ensemble mean - lambda * std "
+                                 "over the ensemble's policies, the rejected by mean + lambda * std, and judge "
+                                 "--sera.min_margin on that pessimistic gap (0 = off; one policy has std 0)",
+                                 check=NON_NEGATIVE)
+    judge_unanimous: bool = option(False, "Keep a bootstrapped pair only when every policy of the ensemble "
+                                   "prefers its chosen sample")
     keep_truncated: bool = option(False, "Allow responses that hit --sera.max_new_tokens without EOS")
     no_fluency_guard: bool = option(False, "Turn the fluency guard off (not recommended: see docs/concepts.md)")
     fluency_floor: Optional[float] = option(None, "Drop samples whose mean per-token log-prob under the initial "

@@ -77,7 +77,7 @@ class Driver:
                                   f"and mean kept IRM no longer rising; the final policy is iteration {t - 1}'s")
                 ctx.state.data["converged_at"] = t
                 break
-            if train.generated_share(cfg.loop, t) > 0:  # share 0: SeRA-SS only
+            if train.target_share(ctx, t) > 0:  # share 0: SeRA-SS only
                 if fluency.needed(ctx):  # once, before the first pairing: the floor from π0's own samples
                     self.phase(1, "fluency_floor", 7, lambda: fluency.run(ctx))
                 self.phase(t, "generate", 2, lambda: generate.run(ctx, t))

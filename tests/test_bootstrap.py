@@ -325,3 +325,44 @@ def test_fluency_guard_stops_degenerate_policy_from_winning():
     valid, _ = fluency_guard(ref_lp, texts, floor_quantile=0.2)
     guarded, _ = make_pairs(rewards, lengths, valid, texts, truncated)
     assert all(q.chosen_index in fluent for q in guarded)
+
+
+# --------------------------------------------------------------------------------------------- conservative judge
+
+
+def test_ensemble_spread_is_the_weighted_std_over_policies():
+    from sera_openrlhf.bootstrap import ensemble_spread
+
+    r = torch.tensor([[[1.0, 2.0]], [[3.0, 2.0]]])  # [K=2, P=1, S=2]
+    assert ensemble_spread(r, [0.5, 0.5]).tolist() == [[1.0, 0.0]]
+    assert ensemble_spread(r, [0.25, 0.75]).tolist()[0][0] == pytest.approx((0.25 * 1.5**2 + 0.75 * 0.5**2) ** 0.5)
+    assert ensemble_spread(r[:1], [1.0]).abs().sum() == 0  # one policy: no spread
+
+
+def test_the_pessimistic_judge_avoids_samples_the_policies_disagree_on():
+    """Sample 0 has the best mean but the policies disagree about it; with lambda 1 the judge prefers sample 1,
+    which every policy rates well, and judges --sera.min_margin on the pessimistic gap."""
+    from sera_openrlhf.bootstrap import ensemble_rewards, ensemble_spread
+
+    members = torch.tensor([[[4.0, 1.5, 0.0]], [[-1.0, 1.3, 0.1]]], dtype=torch.float64)  # [K=2, P=1, S=3]
+    mean, spread = ensemble_rewards(members, [0.5, 0.5]), ensemble_spread(members, [0.5, 0.5])
+    g = _grid(mean.tolist())
+    plain, _ = make_pairs(**g)
+    assert (plain[0].chosen_index, plain[0].rejected_index) == (0, 2)
+    careful, _ = make_pairs(**g, spread=spread, judge_lambda=1.0)
+    assert (careful[0].chosen_index, careful[0].rejected_index) == (1, 2)
+    c, j = 1, 2
+    pessimistic = (mean[0, c] - spread[0, c]) - (mean[0, j] + spread[0, j])
+    assert careful[0].debiased_margin == pytest.approx(float(pessimistic))
+    assert careful[0].margin == pytest.approx(float(mean[0, c] - mean[0, j]))
+    none, stats = make_pairs(**g, spread=spread, judge_lambda=1.0, min_margin=float(pessimistic) + 0.01)
+    assert not none and stats["below_min_margin"] == 1
+
+
+def test_unanimity_drops_pairs_some_policy_orders_the_other_way():
+    members = torch.tensor([[[2.0, 0.0], [2.0, 0.0]], [[1.0, 0.0], [-1.0, 0.5]]])  # prompt 1: policies disagree
+    g = _grid((members.mean(0)).tolist())
+    pairs, stats = make_pairs(**g, members=members)
+    assert [q.prompt_index for q in pairs] == [0] and stats["not_unanimous"] == 1
+    none, stats = make_pairs(**_grid([[0.0, 1.0]]), members=torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]))
+    assert not none and "--sera.judge_unanimous" in stats["no_pair_cause"]

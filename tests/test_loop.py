@@ -144,3 +144,30 @@ def test_generation_prompt_is_the_training_prompt(tiny_model):
         {"prompt": messages, "chosen": [{"role": "assistant", "content": " kind"}], "rejected": []},
         None, "prompt", "chosen", "rejected", tok.apply_chat_template, is_dpo=True)
     assert full == prompt and chosen.startswith(" kind")
+
+
+@pytest.mark.slow
+def test_the_robust_review_and_judge_flags_run_together_through_the_cli(tiny_model, tiny_data, tmp_path):
+    """Soft review on the IRM averaged over two reviews, a pessimistic unanimous judge and the adaptive share, in
+    one 3-iteration run: each leaves its trace in the state and the run files."""
+    run_dir = tmp_path / "run"
+    run_cli(loop_flags(tiny_model, tiny_data, run_dir, 3, "--sera.select_mode", "soft", "--model.label_smoothing",
+                       "0.1", "--sera.review_average", "2", "--sera.judge_lambda", "1.0", "--sera.judge_unanimous",
+                       "--sera.share_min_auroc", "0.6", "--sera.generated_share_step", "0.25"))
+    state = json.loads((run_dir / "sera_state.json").read_text())
+    its = state["iterations"]
+    assert [r["confidence"] for r in read_jsonl(run_dir / "iter_1" / "train_set.jsonl")] == [0.9] * 64
+    assert "irm_averaged" not in read_jsonl(run_dir / "iter_2" / "review.jsonl")[0]
+    review3 = read_jsonl(run_dir / "iter_3" / "review.jsonl")
+    irm2 = {r["id"]: r["irm"] for r in read_jsonl(run_dir / "iter_2" / "review.jsonl")}
+    assert all(r["irm_averaged"] == pytest.approx((r["irm"] + irm2[r["id"]]) / 2) for r in review3)
+    assert its["3"]["review"]["calibration"]["reviews_averaged"] == 2
+    share = 0.0
+    for t in ("2", "3"):
+        cal = its[t]["review"]["calibration"]
+        up = not cal["fallback"] and cal["est_flip_auroc"] >= 0.6
+        share = min(0.5, max(0.0, share + (0.25 if up else -0.25)))
+        assert its[t]["train"]["generated_share_target"] == share, (t, cal)
+        if share > 0:
+            assert "not_unanimous" in its[t]["pair"]
+    assert len(read_jsonl(run_dir / "iter_3" / "train_set.jsonl")) > 0

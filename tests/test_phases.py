@@ -153,3 +153,60 @@ def test_wandb_statistics_resume_one_run_across_the_trainers_own_runs(monkeypatc
     assert calls == [("login", "k"), ("init", "exp_sera", None, "allow"), ("log", "sera-run-1", 2),
                      ("finish", "sera-run-1"), ("login", "k"), ("init", "exp_sera", "sera-run-1", "allow"),
                      ("log", "sera-run-1", 3), ("finish", "sera-run-1")]
+
+
+def test_adaptive_share_grows_while_the_review_estimate_holds_and_shrinks_when_it_falls(tmp_path):
+    """--sera.share_min_auroc 0.7: one step up per iteration while review t's estimated flip AUROC >= 0.7, one
+    step down below it or without signal; within [0, --sera.generated_share_max]."""
+    ctx = context(tmp_path, share_min_auroc=0.7, generated_share_step=0.25, generated_share_max=0.5, iterations=7)
+    estimates = {2: (0.8, None), 3: (0.75, None), 4: (0.9, None), 5: (0.6, None), 6: (0.9, "no signal"),
+                 7: (0.65, None)}
+    shares = [train.target_share(ctx, 1)]
+    for t, (est, fallback) in estimates.items():
+        ctx.state.mark(f"iter{t}/review", {"calibration": {"est_flip_auroc": est, "fallback": fallback}}, t, 0.0)
+        shares.append(train.target_share(ctx, t))
+        ctx.state.mark(f"iter{t}/train", {"generated_share_target": shares[-1]}, t, 0.0)
+    assert shares == [0.0, 0.25, 0.5, 0.5, 0.25, 0.0, 0.0]
+    fixed = context(tmp_path / "fixed", generated_share_step=0.25, generated_share_max=0.5)
+    assert [train.target_share(fixed, t) for t in (1, 2, 3)] == [0.0, 0.25, 0.5]  # off: the fixed schedule
+
+
+class ReviewBackend(Backend):
+    """pair_rewards returns the chosen rewards it is given per call (rejected 0), in row order."""
+
+    def __init__(self, rewards):
+        super().__init__()
+        self.rewards = rewards
+
+    def pair_rewards(self, policy, reference, rows):
+        import torch
+
+        n = len(rows)
+        return {"ids": [r["id"] for r in rows], "too_long": [], "chosen_reward": torch.tensor(self.rewards,
+                dtype=torch.float64), "rejected_reward": torch.zeros(n, dtype=torch.float64),
+                "chosen_len": torch.ones(n, dtype=torch.float64), "rejected_len": torch.ones(n, dtype=torch.float64)}
+
+
+def test_review_average_ranks_by_the_mean_irm_of_the_last_k_reviews(tmp_path):
+    from sera_openrlhf.phases import review
+
+    from sera_openrlhf.sources import DataSpec
+
+    spec = DataSpec("d", None, 0, "prompt", "chosen", "rejected", None, "train", False, False, None, "--data.dataset")
+    ctx = context(tmp_path, review_average=2, keep_ratio=0.5, iterations=3)
+    ctx.data = spec
+    ctx.rows = [{"id": f"o{i}", "prompt": "p", "chosen": "x", "rejected": "y"} for i in range(4)]
+    write_jsonl(ctx.layout.review(2), [{"id": f"o{i}", "irm": v, "kept": True}
+                                       for i, v in enumerate([3.0, 2.0, -1.0, -2.0])])
+    ctx.backend = ReviewBackend([-1.0, 0.0, 1.5, 1.0])  # alone it would keep o2, o3
+    stats = review.run(ctx, 3)
+    rows = {r["id"]: r for r in read_jsonl(ctx.layout.review(3))}
+    assert [rows[f"o{i}"]["irm"] for i in range(4)] == [-1.0, 0.0, 1.5, 1.0]  # the current review, raw
+    assert [rows[f"o{i}"]["irm_averaged"] for i in range(4)] == [1.0, 1.0, 0.25, -0.5]
+    assert sorted(i for i, r in rows.items() if r["kept"]) == ["o0", "o1"]
+    assert stats["calibration"]["reviews_averaged"] == 2 and "flip_rate" in stats["calibration"]
+    single = context(tmp_path / "one", keep_ratio=0.5, iterations=3)
+    single.rows, single.data, single.backend = ctx.rows, spec, ReviewBackend([-1.0, 0.0, 1.5, 1.0])
+    write_jsonl(single.layout.review(2), read_jsonl(ctx.layout.review(2)))
+    review.run(single, 3)
+    assert sorted(r["id"] for r in read_jsonl(single.layout.review(3)) if r["kept"]) == ["o2", "o3"]

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from sera_openrlhf.bootstrap import ensemble_rewards, fit_length_alpha, fluency_guard, make_pairs, pairing_mask
+from sera_openrlhf.bootstrap import (ensemble_rewards, ensemble_spread, fit_length_alpha, fluency_guard, make_pairs,
+                                     pairing_mask)
 from sera_openrlhf.fileio import read_jsonl
 from sera_openrlhf.phases import RunContext, as_response
 from sera_openrlhf.phases.score import ensemble_members
@@ -38,7 +39,8 @@ def run(ctx: RunContext, t: int) -> dict:
         # SimPO's reward is per token already: normalising it again would divide by the length twice
         per_token = b.length_normalized_reward and not ctx.loss.length_normalized
         rewards.append(r_k / lengths if per_token else r_k)
-    reward = ensemble_rewards(torch.stack(rewards), weights)
+    stacked = torch.stack(rewards)
+    reward = ensemble_rewards(stacked, weights)
     texts = [[rows[p * S + j]["text"] for j in range(S)] for p in range(P)]
     truncated = torch.tensor([r["truncated"] for r in rows], dtype=torch.bool).view(P, S)
     if b.no_fluency_guard:
@@ -50,8 +52,11 @@ def run(ctx: RunContext, t: int) -> dict:
     alpha = 0.0
     if b.length_debias:
         alpha = fit_length_alpha(reward, lengths, pairing_mask(valid, texts, truncated, not b.keep_truncated))
+    voters = stacked[torch.tensor(weights) > 0]  # a member with weight 0 does not vote
     pairs, pstats = make_pairs(reward, lengths, valid, texts, truncated, min_margin=b.min_margin, alpha=alpha,
-                               drop_truncated=not b.keep_truncated, top_fraction=b.pair_top_fraction)
+                               drop_truncated=not b.keep_truncated, top_fraction=b.pair_top_fraction,
+                               spread=ensemble_spread(stacked, weights), judge_lambda=b.judge_lambda,
+                               members=voters if b.judge_unanimous else None)
     out = []
     for bp in sorted(pairs, key=lambda bp: -bp.margin):
         c, r = rows[bp.prompt_index * S + bp.chosen_index], rows[bp.prompt_index * S + bp.rejected_index]

@@ -83,26 +83,29 @@ def check_signal(ctx: RunContext, t: int, irm, out_of_fold: bool, config: Select
 def run(ctx: RunContext, t: int) -> dict:
     scores, fold_of = score(ctx, t)
     ids = scores["ids"]
-    irm = scores["chosen_reward"] - scores["rejected_reward"]
-    table = {"id": ids, "irm": irm, **{k: scores[k] for k in SCORE_COLUMNS}}
-    table["irm_prev"] = [torch.tensor([p.get(i, float("nan")) for i in ids], dtype=torch.float64)
-                         for p in (read_irm(ctx, u) for u in range(2, t))]
+    raw = scores["chosen_reward"] - scores["rejected_reward"]
+    prev = [torch.tensor([p.get(i, float("nan")) for i in ids], dtype=torch.float64)
+            for p in (read_irm(ctx, u) for u in range(2, t))]
+    window = [raw.double()] + prev[::-1][:ctx.cfg.review.review_average - 1]
+    irm = torch.stack(window).mean(0) if len(window) > 1 else raw  # what selection and calibration rank by
+    table = {"id": ids, "irm": irm, **{k: scores[k] for k in SCORE_COLUMNS}, "irm_prev": prev}
     signal, selector, config = check_signal(ctx, t, irm, bool(fold_of), SelectionConfig.from_review(ctx.cfg.review))
+    # the gold-free fit, in every mode: its flip-rate and AUROC estimates are reported and drive the adaptive share
+    cal = (flip_mixture(irm, ctx.flip_prior) if signal["action"] == "select" else
+           prior_only(len(ids), ctx.flip_prior, "the out-of-fold agreement test failed"))
     confidence = None
     if config.mode == "soft":  # every pair stays; its label confidence goes to the loss
-        cal = (flip_mixture(irm, ctx.flip_prior) if signal["action"] == "select" else
-               prior_only(len(ids), ctx.flip_prior, "the out-of-fold agreement test failed"))
         confidence = cal.confidence.tolist()
         result = SelectionResult(torch.ones(len(ids), dtype=torch.bool), torch.ones(len(ids)), list(ids))
     else:
         result = apply_selector(selector, table, config)
     stats = selection_stats(table, result, previous_kept_ids=kept_ids(ctx, t - 1) if t >= 3 else None)
     stats["signal"] = signal
-    if confidence is not None:
-        stats["calibration"] = cal.stats()
+    stats["calibration"] = {**cal.stats(), "out_of_fold": bool(fold_of), "reviews_averaged": len(window)}
     stats["n_prompt_too_long"] = len(scores["too_long"])
     ctx.write_rows(ctx.layout.review(t), [
-        {"id": i, "irm": float(irm[n]), "chosen_reward": float(scores["chosen_reward"][n]),
+        {"id": i, "irm": float(raw[n]), **({"irm_averaged": float(irm[n])} if len(window) > 1 else {}),
+         "chosen_reward": float(scores["chosen_reward"][n]),
          "rejected_reward": float(scores["rejected_reward"][n]), "chosen_len": int(scores["chosen_len"][n]),
          "rejected_len": int(scores["rejected_len"][n]), "fold": fold_of.get(i),
          "kept": bool(result.kept_mask[n]), "weight": float(result.weights[n]),

@@ -20,6 +20,20 @@ def generated_share(loop: LoopConfig, t: int) -> float:
     return min(loop.generated_share_max, loop.generated_share_step * (t - 1))
 
 
+def target_share(ctx: RunContext, t: int) -> float:
+    """Iteration t's generated share: the fixed schedule, or with --sera.share_min_auroc A the previous share
+    one --sera.generated_share_step up while review t's gold-free flip-AUROC estimate is at least A, one step
+    down when it is lower or the review found no signal (needs review t's stats: call after the review)."""
+    loop = ctx.cfg.loop
+    if not loop.share_min_auroc or t == 1:
+        return generated_share(loop, t)
+    before = ctx.state.stats(t - 1).get("train", {}).get("generated_share_target", 0.0) if t > 2 else 0.0
+    cal = ctx.state.stats(t).get("review", {}).get("calibration") or {}
+    judged = not cal.get("fallback") and (cal.get("est_flip_auroc") or 0.0) >= loop.share_min_auroc
+    step = loop.generated_share_step if judged else -loop.generated_share_step
+    return min(loop.generated_share_max, max(0.0, before + step))
+
+
 def to_budget(ctx: RunContext, t: int, rows: list) -> list:
     """--sera.train_pairs N: exactly N rows, a seeded subsample of a larger mix, or whole shuffled passes over a
     smaller one plus a seeded part-pass (copies get ids `<id>#<pass>`, so every row's id stays unique)."""
@@ -83,7 +97,7 @@ def run(ctx: RunContext, t: int) -> dict:
                for r in ctx.rows if r["id"] in review]
     path = ctx.layout.bootstrapped(t)
     boot = read_jsonl(path) if os.path.exists(path) else []  # sorted by margin
-    share = generated_share(ctx.cfg.loop, t)
+    share = target_share(ctx, t)
     n_gen = min(len(boot), round(share / (1 - share) * len(offline)))
     generated = [{"id": b["id"], "prompt": b["prompt"], "chosen": b["chosen"], "rejected": b["rejected"],
                   "weight": 1.0, "nll_coef": ctx.cfg.bootstrap.bootstrap_nll_coef}

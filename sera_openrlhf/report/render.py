@@ -159,13 +159,14 @@ def _calibration(iterations: list[IterationSummary]) -> list[str]:
     cal = [(it.iteration, it.calibration) for it in iterations if it.calibration]
     if not cal:
         return []
-    parts = [f"iteration {t}: " + (f"no signal ({c['fallback']}), every pair at confidence "
-                                   f"{_fmt(1 - num(c.get('flip_rate')))} (cDPO)" if c.get("fallback") else
-                                   f"estimated flip rate {_fmt(num(c.get('flip_rate')), 'pct')}, estimated "
-                                   f"flip-detection AUROC {_fmt(num(c.get('est_flip_auroc')))}")
-             for t, c in cal]
-    return ["Soft review (`--sera.select_mode soft`: every pair trained with its label confidence, the mean "
-            "shortfall being the flip rate the fit estimates, gold-free): " + "; ".join(parts) + ".\n"]
+    parts = [f"iteration {t}" + ("" if c.get("out_of_fold", True) else " (in sample)") + ": " +
+             (f"no signal ({c['fallback']})" if c.get("fallback") else
+              f"estimated flip rate {_fmt(num(c.get('flip_rate')), 'pct')}, estimated flip-detection AUROC "
+              f"{_fmt(num(c.get('est_flip_auroc')))}") for t, c in cal]
+    return ["Review calibration (gold-free: right labels' IRMs fitted as N(mu, sigma^2), flipped ones as "
+            "N(-mu, sigma^2); in-sample IRMs overstate it; with `--sera.select_mode soft` each pair trains with "
+            "its confidence, and without signal every pair gets 1 - `--model.label_smoothing`, i.e. cDPO): "
+            + "; ".join(parts) + ".\n"]
 
 
 def _crossfit(iterations: list[IterationSummary]) -> list[str]:
