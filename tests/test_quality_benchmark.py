@@ -258,7 +258,8 @@ def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
     gold.write_text("import tiny\n\ndef gold(prompt, response):\n    w = response.split()\n"
                     "    return sum((x in tiny.POSITIVE) - (x in tiny.NEGATIVE) for x in w) + 0.01 * len(w)\n")
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality", "run.py"), "--testbed", "smollm2", "--size",
-           "smoke", "--model", tiny_model, "--out", str(out), "--methods", "dpo", "dpo_clean", "random", "--threads",
+           "smoke", "--model", tiny_model, "--out", str(out), "--methods", "dpo", "dpo_clean", "random", "sera_soft",
+           "--threads",
            "1", "--precision", "fp32", "--gold", f"{gold}:gold"]
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "tests")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
@@ -278,10 +279,12 @@ def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
     assert {m: (out / "seed_0" / m / "sera_state.json").stat().st_mtime for m in states} == states
     res = json.loads((out / "results.json").read_text())
     summary = res["summary"]
-    assert {"init", "dpo", "dpo_clean", "random"} <= set(summary)
+    assert {"init", "dpo", "dpo_clean", "random", "sera_soft"} <= set(summary)
     pairs = {m: summary[m]["train_pairs"]["mean"] for m in ("dpo", "dpo_clean", "random")}
     n = res["per_seed"][0]["pairs"]["n_pairs"]
     assert set(pairs.values()) == {res["info"]["config"]["iterations"] * n}, pairs  # equal compute, exactly
+    # the soft arm trains the same pairs plus its two iteration-1 fold twins (each on half of them)
+    assert summary["sera_soft"]["train_pairs"]["mean"] == pairs["dpo"] + n, summary["sera_soft"]
     assert "vs_dpo" in summary["random"] and summary["random"]["review_auroc_first"] == summary["random"]["review_auroc_first"]
     assert "| random selection" in (out / "results.md").read_text() and (out / "results.png").exists()
     # the sweep's report on the run's own validity block and a weaker cell (a sweep run costs 4 more trainings)

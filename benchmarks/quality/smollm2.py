@@ -12,6 +12,7 @@ and (b) evaluation prompts, continued greedily by every final policy and scored 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -47,6 +48,9 @@ METHODS = {
     "sera": ("full SeRA (defaults)", False, []),
     "sera_simpo": ("full SeRA with SimPO (beta 2, gamma 0.5)", False,
                    ["--sera.loss", "simpo", "--model.beta", "2.0"]),
+    "sera_soft": ("SeRA-SS, soft calibrated review (out of fold, frozen; prior eps = flip share)", False,
+                  ["--sera.generated_share_max", "0", "--sera.select_mode", "soft", "--model.label_smoothing",
+                   str(FLIP), "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2"]),
     # reference points: they read the gold labels
     "dpo_oracle": ("offline DPO, gold-wrong pairs removed (perfect review)", True, []),
     "dpo_clean": ("offline DPO on gold labels (clean labels)", True, []),
@@ -477,6 +481,12 @@ def fmt_ci(mean, lo, hi, digits=3, signed=False):
     return f(mean) + (f" [{f(lo)}, {f(hi)}]" if lo is not None else "")
 
 
+def wilson(p, n, z=1.96):
+    """Two-sided 95 % Wilson score interval of a share p of n."""
+    centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
+
+
 def validity_lines(checks):
     c1, c2, c3 = (checks[k] for k in ("label_noise_hurts", "reward_orders_heldout_pairs", "oof_flip_auroc"))
     ok = lambda c: "**pass**" if c["pass"] else "**FAIL**"  # noqa: E731
@@ -535,12 +545,14 @@ def write_report(out, table, checks, methods, info):
                   f"file (chat format) with equal training pairs per method; share of the last {hh[0]['n_heldout']} "
                   "pairs (never trained on) whose human-preferred response gets the higher implicit reward "
                   "(the product's --eval.dataset accuracy after the last iteration; chance 0.5).", "",
-                  "| method | held-out preference accuracy | per iteration |", "|---|---|---|"]
+                  "| method | held-out preference accuracy [95 % Wilson interval] | per iteration |",
+                  "|---|---|---|"]
         for name in HH_METHODS:
             accs = [s["methods"].get(name, {}).get("heldout_accuracy") for s in hh]
             accs = [a for a in accs if a is not None]
             per = hh[0]["methods"].get(name, {}).get("per_iteration", {})
-            lines.append(f"| {METHODS[name][0]} | {V.mean(accs):.3f} | "
+            lo, hi = wilson(V.mean(accs), hh[0]["n_heldout"] * len(accs)) if accs else (None, None)
+            lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | "
                          + ", ".join(f"{t}: {a:.3f}" for t, a in sorted(per.items()) if a is not None) + " |"
                          if accs else f"| {METHODS[name][0]} | – | – |")
     text = "\n".join(lines) + "\n"
