@@ -152,6 +152,9 @@ class ReviewConfig:
                                          "self-review to count as having a signal", check=fraction())
     no_signal: str = option("warn", "What a cross-fitted review without signal does: warn and select anyway, or "
                             "keep_all (train on every offline pair that iteration)", choices=("warn", "keep_all"))
+    review_per_token: bool = option(False, "Review by the per-token implicit reward margin, r(y_w)/|y_w| - "
+                                    "r(y_l)/|y_l|, so a long response's summed log-ratio does not dominate its pair "
+                                    "(SimPO's reward is per token already)")
     review_average: int = option(1, "Rank and calibrate by the IRM averaged over this many reviews (the current "
                                  "and the K-1 before it: the margin's area under the training trajectory, as in "
                                  "dataset cartography), which steadies a noisy single-checkpoint margin",

@@ -210,3 +210,26 @@ def test_review_average_ranks_by_the_mean_irm_of_the_last_k_reviews(tmp_path):
     write_jsonl(single.layout.review(2), read_jsonl(ctx.layout.review(2)))
     review.run(single, 3)
     assert sorted(r["id"] for r in read_jsonl(single.layout.review(3)) if r["kept"]) == ["o2", "o3"]
+
+
+def test_review_per_token_divides_each_reward_by_its_length(tmp_path):
+    from sera_openrlhf.phases import review
+    from sera_openrlhf.sources import DataSpec
+
+    import torch
+
+    class LengthBackend(ReviewBackend):
+        def pair_rewards(self, policy, reference, rows):
+            out = super().pair_rewards(policy, reference, rows)
+            out["rejected_reward"] = torch.tensor([1.0, 1.0], dtype=torch.float64)
+            out["chosen_len"] = torch.tensor([10.0, 2.0], dtype=torch.float64)
+            out["rejected_len"] = torch.tensor([1.0, 4.0], dtype=torch.float64)
+            return out
+
+    spec = DataSpec("d", None, 0, "prompt", "chosen", "rejected", None, "train", False, False, None, "--data.dataset")
+    for flags, expected in (({}, [4.0, 0.0]), ({"review_per_token": True}, [-0.5, 0.25])):
+        ctx = context(tmp_path / str(len(flags)), keep_ratio=0.5, iterations=2, **flags)
+        ctx.rows, ctx.data = [{"id": f"o{i}", "prompt": "p", "chosen": "x", "rejected": "y"} for i in range(2)], spec
+        ctx.backend = LengthBackend([5.0, 1.0])
+        review.run(ctx, 2)
+        assert [r["irm"] for r in read_jsonl(ctx.layout.review(2))] == expected

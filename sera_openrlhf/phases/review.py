@@ -83,7 +83,10 @@ def check_signal(ctx: RunContext, t: int, irm, out_of_fold: bool, config: Select
 def run(ctx: RunContext, t: int) -> dict:
     scores, fold_of = score(ctx, t)
     ids = scores["ids"]
-    raw = scores["chosen_reward"] - scores["rejected_reward"]
+    if ctx.cfg.review.review_per_token and not ctx.loss.length_normalized:
+        raw = scores["chosen_reward"] / scores["chosen_len"] - scores["rejected_reward"] / scores["rejected_len"]
+    else:
+        raw = scores["chosen_reward"] - scores["rejected_reward"]
     prev = [torch.tensor([p.get(i, float("nan")) for i in ids], dtype=torch.float64)
             for p in (read_irm(ctx, u) for u in range(2, t))]
     window = [raw.double()] + prev[::-1][:ctx.cfg.review.review_average - 1]
