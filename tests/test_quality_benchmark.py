@@ -295,3 +295,28 @@ def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
                                       "validity": res["per_seed"][0]["validity"]},
                                      {"samples": 2, "n_prompts": 24, "n_pairs": 4, "median_gold_gap": 0.1, "validity": weak}])
     assert "| 2 | 24 | 4 |" in text and "no signal |" in text and (out / "sweep.png").exists()
+
+
+def test_review_information_on_hand_made_fold_scores(tmp_path, capsys):
+    """review_information.py: uniform weights carry (sum s)^2 / N; a review that ranks every flip last makes the
+    hard cut and the gold-calibrated weights beat uniform."""
+    import json
+
+    n, flips = 40, set(range(0, 40, 4))  # 10 of 40 flipped
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "flipped": i in flips}) + "\n"
+                                                  for i in range(n)))
+    cache = {}
+    for k in (0, 1):
+        ids = [i for i in range(n) if i % 2 == k]
+        irm = [(-1.0 if i in flips else 1.0) * (1 + i / n) for i in ids]  # flipped pairs: negative IRM
+        cache[f"fold{k}_policy"] = [[10 * v for v in irm], [0.0] * len(ids)]  # beta 0.1: IRM = 0.1 * 10 * v
+        cache[f"fold{k}_init"] = [[0.0] * len(ids), [0.0] * len(ids)]
+    (tmp_path / "measure_cache.json").write_text(json.dumps(cache))
+    _load("review_information").main(str(tmp_path), keep=0.75)
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): float(line.split(" | ")[1]) for line in out.splitlines()
+            if line.startswith("| ") and "information" not in line}
+    assert "flip AUROC 1.000" in out
+    assert rows["uniform: DPO, cDPO (any eps)"] == pytest.approx((30 - 10) ** 2 / 40, abs=0.05)
+    assert rows["hard top 75% by IRM (SeRA-SS)"] == pytest.approx(30.0, abs=0.05)  # the 30 right labels only
+    assert rows["soft, gold-calibrated logistic posterior (ceiling)"] > rows["uniform: DPO, cDPO (any eps)"]
