@@ -40,7 +40,8 @@ def test_eval_logger_runs_and_per_phase_checkpoints_resume_only_the_killed_phase
     assert any(not torch.equal(p1[k], p2[k]) for k in p1)  # π_2 is not π_1 saved again
     # --eval.dataset after each iteration's training, in the stats and the report
     for e in (it1["eval"], it2["eval"]):
-        assert set(e) == {"eval_loss", "acc_mean", "margin"} and 0.0 <= e["acc_mean"] <= 1.0
+        assert set(e) == {"eval_loss", "acc_mean", "margin", "n", "n_prompt_too_long"} and 0.0 <= e["acc_mean"] <= 1.0
+        assert e["n"] + e["n_prompt_too_long"] == 16
     assert "Evaluation on `--eval.dataset`" in (run_dir / "report" / "report.md").read_text()
     # one TensorBoard run per training phase, each counting its own steps from 1
     assert sorted(d for d in os.listdir(tb) if not d.endswith("_sera")) == ["exp_iter1", "exp_iter2"]

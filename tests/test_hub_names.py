@@ -200,7 +200,7 @@ def test_loop_on_hub_model_and_hub_dataset_mixture(hf_home, tmp_path):
             env=hub_env(hf_home))
     state = json.loads((run_dir / "sera_state.json").read_text())
     for t in ("1", "2"):
-        assert set(state["iterations"][t]["train"]["eval"]) == {"eval_loss", "acc_mean", "margin"}
+        assert set(state["iterations"][t]["train"]["eval"]) == {"eval_loss", "acc_mean", "margin", "n", "n_prompt_too_long"}
     files = {f["path"]: f for f in state["data"]["files"]}
     assert set(files) == {DATASET, local} and all(f["format"] == "chat" for f in files.values())
     assert state["data"]["mixture"] == {"probs": [0.5, 0.5], "seed": 42}

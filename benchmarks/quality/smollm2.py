@@ -367,6 +367,7 @@ def hh_table(out, cfg, model, seed, threads, precision):
         last = state["iterations"][str(max(int(t) for t in state["iterations"]))]
         ev = last["train"].get("eval") or {}
         result["methods"][name] = {"heldout_accuracy": ev.get("acc_mean"), "heldout_loss": ev.get("eval_loss"),
+                                   "n_evaluated": ev.get("n", len(held)),
                                    "per_iteration": {t: (v.get("train", {}).get("eval") or {}).get("acc_mean")
                                                      for t, v in state["iterations"].items()}}
     return result
@@ -551,7 +552,8 @@ def write_report(out, table, checks, methods, info):
             accs = [s["methods"].get(name, {}).get("heldout_accuracy") for s in hh]
             accs = [a for a in accs if a is not None]
             per = hh[0]["methods"].get(name, {}).get("per_iteration", {})
-            lo, hi = wilson(V.mean(accs), hh[0]["n_heldout"] * len(accs)) if accs else (None, None)
+            n_eval = sum(s["methods"].get(name, {}).get("n_evaluated", s["n_heldout"]) for s in hh)
+            lo, hi = wilson(V.mean(accs), n_eval) if accs else (None, None)
             lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | "
                          + ", ".join(f"{t}: {a:.3f}" for t, a in sorted(per.items()) if a is not None) + " |"
                          if accs else f"| {METHODS[name][0]} | – | – |")

@@ -259,6 +259,8 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
     if eval_dataloader is not None:
         trainer._wandb = trainer._tensorboard = None  # fit() closed them; this result goes to the SeRA stats
         final_eval = trainer.evaluate(eval_dataloader, len(trainer.step_logs))
+        if isinstance(final_eval, dict):  # how many pairs the figures cover: over-long prompts are skipped
+            final_eval = {**final_eval, "n": len(eval_dataset), "n_prompt_too_long": len(eval_dataset.too_long_ids)}
     lora = None
     if args.ds.lora.rank > 0 and merge_lora:
         lora = os.path.join(os.path.dirname(os.path.abspath(output_dir)), "adapter")
