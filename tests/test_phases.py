@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from tiny import write_jsonl
 
@@ -198,6 +200,7 @@ def test_review_average_ranks_by_the_mean_irm_of_the_last_k_reviews(tmp_path):
     ctx.rows = [{"id": f"o{i}", "prompt": "p", "chosen": "x", "rejected": "y"} for i in range(4)]
     write_jsonl(ctx.layout.review(2), [{"id": f"o{i}", "irm": v, "kept": True}
                                        for i, v in enumerate([3.0, 2.0, -1.0, -2.0])])
+    write_jsonl(str(tmp_path / "review2_without_o3.jsonl"), read_jsonl(ctx.layout.review(2))[:3])
     ctx.backend = ReviewBackend([-1.0, 0.0, 1.5, 1.0])  # alone it would keep o2, o3
     stats = review.run(ctx, 3)
     rows = {r["id"]: r for r in read_jsonl(ctx.layout.review(3))}
@@ -205,6 +208,12 @@ def test_review_average_ranks_by_the_mean_irm_of_the_last_k_reviews(tmp_path):
     assert [rows[f"o{i}"]["irm_averaged"] for i in range(4)] == [1.0, 1.0, 0.25, -0.5]
     assert sorted(i for i, r in rows.items() if r["kept"]) == ["o0", "o1"]
     assert stats["calibration"]["reviews_averaged"] == 2 and "flip_rate" in stats["calibration"]
+    # a pair an earlier review lacks is averaged over the reviews that have it
+    os.replace(tmp_path / "review2_without_o3.jsonl", ctx.layout.review(2))
+    review.run(ctx, 3)
+    assert [r["irm_averaged"] for r in read_jsonl(ctx.layout.review(3))] == [1.0, 1.0, 0.25, 1.0]
+    write_jsonl(ctx.layout.review(2), [{"id": f"o{i}", "irm": v, "kept": True}
+                                       for i, v in enumerate([3.0, 2.0, -1.0, -2.0])])
     single = context(tmp_path / "one", keep_ratio=0.5, iterations=3)
     single.rows, single.data, single.backend = ctx.rows, spec, ReviewBackend([-1.0, 0.0, 1.5, 1.0])
     write_jsonl(single.layout.review(2), read_jsonl(ctx.layout.review(2)))

@@ -80,17 +80,25 @@ def check_signal(ctx: RunContext, t: int, irm, out_of_fold: bool, config: Select
     return signal, selector, config
 
 
-def run(ctx: RunContext, t: int) -> dict:
-    scores, fold_of = score(ctx, t)
-    ids = scores["ids"]
+def margins(ctx: RunContext, t: int, scores: dict):
+    """(raw, prev, irm, window): this review's IRM [N] (per token with --sera.review_per_token), earlier reviews'
+    IRMs (oldest first, NaN for a pair they lack), and the IRM selection and calibration rank by: the mean over
+    the last --sera.review_average reviews (`window` of them)."""
     if ctx.cfg.review.review_per_token and not ctx.loss.length_normalized:
         raw = scores["chosen_reward"] / scores["chosen_len"] - scores["rejected_reward"] / scores["rejected_len"]
     else:
         raw = scores["chosen_reward"] - scores["rejected_reward"]
-    prev = [torch.tensor([p.get(i, float("nan")) for i in ids], dtype=torch.float64)
+    prev = [torch.tensor([p.get(i, float("nan")) for i in scores["ids"]], dtype=torch.float64)
             for p in (read_irm(ctx, u) for u in range(2, t))]
     window = [raw.double()] + prev[::-1][:ctx.cfg.review.review_average - 1]
-    irm = torch.stack(window).mean(0) if len(window) > 1 else raw  # what selection and calibration rank by
+    irm = torch.stack(window).nanmean(0) if len(window) > 1 else raw
+    return raw, prev, irm, len(window)
+
+
+def run(ctx: RunContext, t: int) -> dict:
+    scores, fold_of = score(ctx, t)
+    ids = scores["ids"]
+    raw, prev, irm, window = margins(ctx, t, scores)
     table = {"id": ids, "irm": irm, **{k: scores[k] for k in SCORE_COLUMNS}, "irm_prev": prev}
     signal, selector, config = check_signal(ctx, t, irm, bool(fold_of), SelectionConfig.from_review(ctx.cfg.review))
     # the gold-free fit, in every mode: its flip-rate and AUROC estimates are reported and drive the adaptive share
@@ -104,10 +112,10 @@ def run(ctx: RunContext, t: int) -> dict:
         result = apply_selector(selector, table, config)
     stats = selection_stats(table, result, previous_kept_ids=kept_ids(ctx, t - 1) if t >= 3 else None)
     stats["signal"] = signal
-    stats["calibration"] = {**cal.stats(), "out_of_fold": bool(fold_of), "reviews_averaged": len(window)}
+    stats["calibration"] = {**cal.stats(), "out_of_fold": bool(fold_of), "reviews_averaged": window}
     stats["n_prompt_too_long"] = len(scores["too_long"])
     ctx.write_rows(ctx.layout.review(t), [
-        {"id": i, "irm": float(raw[n]), **({"irm_averaged": float(irm[n])} if len(window) > 1 else {}),
+        {"id": i, "irm": float(raw[n]), **({"irm_averaged": float(irm[n])} if window > 1 else {}),
          "chosen_reward": float(scores["chosen_reward"][n]),
          "rejected_reward": float(scores["rejected_reward"][n]), "chosen_len": int(scores["chosen_len"][n]),
          "rejected_len": int(scores["rejected_len"][n]), "fold": fold_of.get(i),
