@@ -250,7 +250,7 @@ def test_trainer_multiplies_each_pair_loss_by_its_weight():
     data = (chosen, mask, rejected, mask.clone(), [2] * B, torch.tensor([2, 0, 1]))
 
     def loss_with(weights):
-        dataset = SimpleNamespace(weights=torch.tensor(weights), nll_coefs=torch.zeros(3))
+        dataset = SimpleNamespace(weights=torch.tensor(weights), nll_coefs=torch.zeros(3), confidences=torch.ones(3))
         _, preference_loss, out, _ = trainer.batch_loss(data, dataset)
         return preference_loss, out.losses
 
