@@ -395,6 +395,26 @@ def make_pairs(
     return pairs, stats
 
 
+def judge_agreement(members: torch.Tensor, weights: list[float], pairs: list[BootstrapPair]) -> list[float]:
+    """The share of the ensemble, by weight, that prefers each pair's chosen sample (a tie counts half).
+
+    members: [K, P, S] the policies' own rewards; weights: K ensemble weights (those with weight 0 do not vote).
+    Used as the pair's label confidence by --sera.judge_consistency (CREAM, Wang et al. 2025: the agreement of
+    the current and earlier policies' rankings regularises self-rewarding): a pair every member orders the
+    same way keeps confidence 1, one they split on pushes less, or not at all at 1/2.
+    """
+    w = torch.tensor(weights, dtype=torch.float64)
+    if w.numel() != members.shape[0] or not bool((w >= 0).all()) or float(w.sum()) <= 0:
+        raise ValueError(f"judge_agreement: {members.shape[0]} members need as many non-negative weights with a "
+                         f"positive sum, got {weights}")
+    out = []
+    for q in pairs:
+        c, j = members[:, q.prompt_index, q.chosen_index], members[:, q.prompt_index, q.rejected_index]
+        vote = (c > j).double() + 0.5 * (c == j).double()
+        out.append(float((w * vote).sum() / w.sum()))
+    return out
+
+
 def no_pair_cause(stats: dict, valid: torch.Tensor, truncated: torch.Tensor, drop_truncated: bool) -> str:
     """Why no prompt gave a pair, with the flag that would change it (the dominant reason first)."""
     n = valid.numel()

@@ -212,6 +212,10 @@ class BootstrapConfig:
                                  check=NON_NEGATIVE)
     judge_unanimous: bool = option(False, "Keep a bootstrapped pair only when every policy of the ensemble "
                                    "prefers its chosen sample")
+    judge_consistency: bool = option(False, "Give each bootstrapped pair the label confidence w = the share of "
+                                     "the ensemble's policies (by ensemble weight) that prefer its chosen sample, "
+                                     "trained as w*loss + (1-w)*loss(swapped) (CREAM's consistency weighting; one "
+                                     "policy: w = 1)")
     keep_truncated: bool = option(False, "Allow responses that hit --sera.max_new_tokens without EOS")
     no_fluency_guard: bool = option(False, "Turn the fluency guard off (not recommended: see docs/concepts.md)")
     fluency_floor: Optional[float] = option(None, "Drop samples whose mean per-token log-prob under the initial "

@@ -366,3 +366,17 @@ def test_unanimity_drops_pairs_some_policy_orders_the_other_way():
     assert [q.prompt_index for q in pairs] == [0] and stats["not_unanimous"] == 1
     none, stats = make_pairs(**_grid([[0.0, 1.0]]), members=torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]))
     assert not none and "--sera.judge_unanimous" in stats["no_pair_cause"]
+
+
+def test_judge_agreement_is_the_weighted_share_of_policies_preferring_the_chosen_sample():
+    from sera_openrlhf.bootstrap import BootstrapPair, judge_agreement
+
+    members = torch.tensor([[[2.0, 0.0, 1.0]], [[-1.0, 0.5, -1.0]], [[3.0, 3.0, 0.0]]])  # [K=3, P=1, S=3]
+    pairs = [BootstrapPair(0, 0, 1, 1.0, 1.0), BootstrapPair(0, 0, 2, 1.0, 1.0)]
+    # pair (0, 1): member 0 agrees, member 1 disagrees, member 2 ties (half)
+    assert judge_agreement(members, [0.5, 0.25, 0.25], pairs)[0] == pytest.approx(0.5 + 0.125)
+    # pair (0, 2): members 0 and 2 agree, member 1 ties
+    assert judge_agreement(members, [1.0, 1.0, 2.0], pairs)[1] == pytest.approx((1 + 0.5 + 2) / 4)
+    assert judge_agreement(members[:1], [1.0], pairs) == [1.0, 1.0]  # one policy: full confidence
+    with pytest.raises(ValueError, match="weights"):
+        judge_agreement(members, [1.0, 1.0], pairs)

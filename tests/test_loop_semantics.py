@@ -60,13 +60,14 @@ def check_pairs_are_extremes(samples, boot, score, floor, alpha=0.0):
 @pytest.mark.slow
 def test_previous_reference_exp_ensemble_length_debias_and_prompts_file(tiny_model, tiny_data, tmp_path):
     """π_2's reference is π_1; r_3 = (1/3)·r_1 + (2/3)·r_2 (exp decay 0.5 over two policies); pairs are the
-    extremes of r − α·len; prompts come from --sera.prompts."""
+    extremes of r − α·len; prompts come from --sera.prompts; with --sera.judge_consistency each pair's label
+    confidence is the weighted share of the two policies that prefer its chosen sample, and training reads it."""
     prompts = [{"id": f"q{i}", "prompt": r["prompt"]} for i, r in enumerate(read_jsonl(tiny_data)[:12])]
     prompts_file = write_jsonl(str(tmp_path / "prompts.jsonl"), prompts)
     run_dir = tmp_path / "run"
     run_cli(base_flags(tiny_model, tiny_data, str(run_dir), *BOOT, "--sera.reference", "previous",
                        "--sera.ensemble_mode", "exp", "--sera.ensemble_decay", "0.5", "--sera.length_debias",
-                       "--sera.prompts", prompts_file, "--sera.fluency_floor", "-50"))
+                       "--sera.prompts", prompts_file, "--sera.fluency_floor", "-50", "--sera.judge_consistency"))
     state = state_of(run_dir)
     pair = state["iterations"]["3"]["pair"]
     assert pair["ensemble"]["policies"] == [1, 2]
@@ -84,8 +85,21 @@ def test_previous_reference_exp_ensemble_length_debias_and_prompts_file(tiny_mod
         assert r["logp"]["ref2"] == pytest.approx(a, abs=2e-3)  # --sera.reference previous: π_2 against π_1
         assert r["n_tokens"] == len(r["token_ids"])
     score = [(BETA * (a - c)) / 3 + 2 * (BETA * (b - a)) / 3 for a, b, c in zip(pi1, pi2, init)]
-    check_pairs_are_extremes(samples, read_jsonl(run_dir / "iter_3" / "bootstrapped.jsonl"), score, -50.0,
-                             alpha=pair["alpha"])
+    boot = read_jsonl(run_dir / "iter_3" / "bootstrapped.jsonl")
+    check_pairs_are_extremes(samples, boot, score, -50.0, alpha=pair["alpha"])
+    members = {(r["prompt_id"], r["text"]): (BETA * (a - c), BETA * (b - a)) for r, a, b, c in
+               zip(samples, pi1, pi2, init)}
+    for b in boot:
+        pid = b["id"].split("-", 1)[1]
+        (c1, c2), (r1, r2) = members[(pid, b["chosen"])], members[(pid, b["rejected"])]
+        vote = lambda x, y: 1.0 if x > y + 1e-6 else 0.0 if x < y - 1e-6 else None  # noqa: E731
+        v1, v2 = vote(c1, r1), vote(c2, r2)
+        if v1 is not None and v2 is not None:  # ties within the recomputation's tolerance are left out
+            assert b["confidence"] == b["agreement"] == pytest.approx(v1 / 3 + 2 * v2 / 3), b["id"]
+    assert any(b["confidence"] < 1 for b in boot) or pair["mean_agreement"] == 1.0
+    trained = {r["id"]: r for r in read_jsonl(run_dir / "iter_3" / "train_set.jsonl")}
+    assert all(trained[b["id"]]["confidence"] == b["confidence"] for b in boot if b["id"] in trained)
+    assert any(b["id"] in trained for b in boot)
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from sera_openrlhf.bootstrap import (ensemble_rewards, ensemble_spread, fit_length_alpha, fluency_guard, make_pairs,
-                                     pairing_mask)
+from sera_openrlhf.bootstrap import (ensemble_rewards, ensemble_spread, fit_length_alpha, fluency_guard,
+                                     judge_agreement, make_pairs, pairing_mask)
 from sera_openrlhf.fileio import read_jsonl
 from sera_openrlhf.phases import RunContext, as_response
 from sera_openrlhf.phases.score import ensemble_members
@@ -57,18 +57,22 @@ def run(ctx: RunContext, t: int) -> dict:
                                drop_truncated=not b.keep_truncated, top_fraction=b.pair_top_fraction,
                                spread=ensemble_spread(stacked, weights), judge_lambda=b.judge_lambda,
                                members=voters if b.judge_unanimous else None)
+    pairs = sorted(pairs, key=lambda bp: -bp.margin)
+    agreement = judge_agreement(voters, [w for w in weights if w > 0], pairs) if pairs else []
     out = []
-    for bp in sorted(pairs, key=lambda bp: -bp.margin):
+    for bp, agree in zip(pairs, agreement):
         c, r = rows[bp.prompt_index * S + bp.chosen_index], rows[bp.prompt_index * S + bp.rejected_index]
         out.append({"id": f"boot{t}-{c['prompt_id']}", "prompt": c["prompt"],
                     "chosen": as_response(c["prompt"], c["text"]), "rejected": as_response(r["prompt"], r["text"]),
                     "margin": bp.margin, "debiased_margin": bp.debiased_margin,
-                    "chosen_len": c["n_tokens"], "rejected_len": r["n_tokens"]})
+                    "chosen_len": c["n_tokens"], "rejected_len": r["n_tokens"], "agreement": agree,
+                    **({"confidence": agree} if b.judge_consistency else {})})
     if not out:
         ctx.backend.print(f"[sera] warning: iteration {t}: bootstrapping produced no pair: {pstats['no_pair_cause']}. "
                           "This iteration trains on its kept offline pairs only.")
     ctx.write_rows(ctx.layout.bootstrapped(t), out)
     return {**pstats, "guard": guard, "alpha": alpha, "ensemble": {"policies": members, "weights": weights},
             "n_pairs": len(out), "margins": [o["margin"] for o in out],
+            "mean_agreement": sum(agreement) / len(agreement) if agreement else None,
             "mean_len_chosen": sum(o["chosen_len"] for o in out) / max(len(out), 1),
             "mean_len_rejected": sum(o["rejected_len"] for o in out) / max(len(out), 1)}

@@ -100,7 +100,8 @@ def run(ctx: RunContext, t: int) -> dict:
     share = target_share(ctx, t)
     n_gen = min(len(boot), round(share / (1 - share) * len(offline)))
     generated = [{"id": b["id"], "prompt": b["prompt"], "chosen": b["chosen"], "rejected": b["rejected"],
-                  "weight": 1.0, "nll_coef": ctx.cfg.bootstrap.bootstrap_nll_coef}
+                  "weight": 1.0, "nll_coef": ctx.cfg.bootstrap.bootstrap_nll_coef,
+                  **({"confidence": b["confidence"]} if "confidence" in b else {})}
                  for b in pick_generated(ctx, t, boot, n_gen)]
     rows = offline + generated
     if not rows:
