@@ -320,3 +320,59 @@ def test_review_information_on_hand_made_fold_scores(tmp_path, capsys):
     assert rows["uniform: DPO, cDPO (any eps)"] == pytest.approx((30 - 10) ** 2 / 40, abs=0.05)
     assert rows["hard top 75% by IRM (SeRA-SS)"] == pytest.approx(30.0, abs=0.05)  # the 30 right labels only
     assert rows["soft, gold-calibrated logistic posterior (ceiling)"] > rows["uniform: DPO, cDPO (any eps)"]
+
+
+def test_review_signal_margins_per_token_by_hand():
+    rs = _load("review_signal")
+    sums, lens = ([2.0, -1.0], [1.0, 1.0]), ([4, 2], [2, 1])
+    assert rs.margins(sums, lens, per_token=False) == [1.0, -2.0]
+    assert rs.margins(sums, lens, per_token=True) == [2 / 4 - 1 / 2, -1 / 2 - 1 / 1]
+
+
+def test_review_signal_ablation_through_the_product(tiny_model, tmp_path):
+    """review_signal.py end to end on the smoke size (a tiny model stands in for SmolLM2): one product run with a
+    cross-fitted review gives all five review variants, each per token too; the out-of-fold ones are the
+    product's own review.jsonl margins, the in-sample ones differ from them; a rerun reuses the run."""
+    import json
+    import subprocess
+
+    import tiny
+
+    out = tmp_path / "q"
+    (out / "assets").mkdir(parents=True)
+    lines = [f"{i}\t0.0\t{text} {text}" for i, text in enumerate(tiny.corpus(300, seed=3))]
+    (out / "assets" / "movieReviewSnippets_GroundTruth.txt").write_text("\n".join(lines) + "\n")
+    gold = tmp_path / "gold.py"
+    gold.write_text("import tiny\n\ndef gold(prompt, response):\n    w = response.split()\n"
+                    "    return sum((x in tiny.POSITIVE) - (x in tiny.NEGATIVE) for x in w) + 0.01 * len(w)\n")
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality", "review_signal.py"), "--size", "smoke",
+           "--model", tiny_model, "--out", str(out), "--seeds", "0", "--threads", "1", "--precision", "fp32",
+           "--gold", f"{gold}:gold"]
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "tests")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = out / "seed_0" / "review_signal"
+    state = json.loads((run_dir / "sera_state.json").read_text())
+    assert state["config"]["sera"]["review_refit"] == "crossfit" and state["final_policy"]
+    res = json.loads((out / "review_signal.json").read_text())["0"]
+    pairs = [json.loads(x) for x in (out / "seed_0" / "pairs.jsonl").read_text().splitlines()]
+    assert res["n_pairs"] == len(pairs) and res["n_flipped"] == sum(r["flipped"] for r in pairs)
+    rs = _load("review_signal")
+    assert set(res["variants"]) == {f"{v}|{p}" for v in rs.VARIANTS for p in (0, 1)}
+    for m in res["variants"].values():
+        assert 0.0 <= m["auroc"] <= 1.0 and m["hard_top70"] > 0
+    # the out-of-fold π1 variant is the product's t = 2 review, recomputed from its review.jsonl
+    import torch
+
+    review = {r["id"]: r for r in map(json.loads, (run_dir / "iter_2" / "review.jsonl").read_text().splitlines())}
+    irm = [review[r["id"]]["irm"] for r in pairs]
+    from sera_openrlhf.selection import auroc
+
+    expect = auroc(-torch.tensor(irm), torch.tensor([r["flipped"] for r in pairs]))
+    assert res["variants"]["out-of-fold π1 twins|0"]["auroc"] == pytest.approx(expect)
+    md = (out / "review_signal.md").read_text()
+    assert md.count("| out-of-fold mean |") == 2 and md.count("| in-sample π1 |") == 2 and md.count("\n| ") == 1 + 12
+    mtime = (run_dir / "sera_state.json").stat().st_mtime
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert again.returncode == 0 and (run_dir / "sera_state.json").stat().st_mtime == mtime
+    assert json.loads((out / "review_signal.json").read_text())["0"] == res

@@ -42,8 +42,11 @@ def information(push, s):
     return float((push * s).sum() ** 2 / (push * push).sum())
 
 
-def main(seed_dir, prior=0.3, keep=0.7):
-    irm, flipped = oof_irm(seed_dir)
+def weights_information(irm, flipped, prior=0.3, keep=0.7) -> dict:
+    """{"rows": [(weights, information)], "uniform": the uniform weights' information, "fit": the ungated
+    mixture fit, "gated": the product's (gated) fit} for IRMs [N] and gold flip flags [N] (bool)."""
+    irm = torch.as_tensor(irm, dtype=torch.float64)
+    flipped = torch.as_tensor(flipped, dtype=torch.bool)
     s = torch.where(flipped, -1.0, 1.0).double()
     n = len(irm)
     top = torch.zeros(n, dtype=torch.float64)
@@ -68,6 +71,14 @@ def main(seed_dir, prior=0.3, keep=0.7):
             ("soft, the product's calibration (gated)", information(2 * gated.confidence - 1, s)),
             ("soft, the same fit without the no-signal gate", information(2 * fitted.confidence - 1, s)),
             ("soft, gold-calibrated logistic posterior (ceiling)", information(2 * gold_post - 1, s))]
+    return {"rows": rows, "uniform": base, "fit": fitted, "gated": gated}
+
+
+def main(seed_dir, prior=0.3, keep=0.7):
+    irm, flipped = oof_irm(seed_dir)
+    n = len(irm)
+    info = weights_information(irm, flipped, prior, keep)
+    fitted, gated, base = info["fit"], info["gated"], info["uniform"]
     sig = review_signal(irm, out_of_fold=True)
     shift = (1 - 2 * fitted.flip_rate) * fitted.mu / fitted.sigma
     print(f"{n} pairs, {int(flipped.sum())} flipped; out-of-fold flip AUROC {auroc(-irm, flipped):.3f}; "
@@ -76,7 +87,7 @@ def main(seed_dir, prior=0.3, keep=0.7):
           f"{fitted.est_flip_auroc:.3f}; net shift {shift:.3f} vs the no-signal bar 2/sqrt(N) = {2 / math.sqrt(n):.3f}"
           f" -> {'fit used' if gated.fallback is None else 'falls back to cDPO'}")
     print("\n| weights | information | vs uniform |\n|---|---|---|")
-    for name, v in rows:
+    for name, v in info["rows"]:
         print(f"| {name} | {v:.1f} | {v / base:.2f}x |")
 
 

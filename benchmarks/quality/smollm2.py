@@ -251,19 +251,26 @@ def heldout_pairs(rows, gold_fn):
     return out
 
 
-def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, tokenizer, model, rank_anyway=False):
+def training_pairs(out, seed, cfg, model, gold_fn, spurious_fn):
+    """(seed_dir, pairs.jsonl path, its info, held-out prompts): the seed's noisy preference set and its
+    bootstrapping prompts (boot_prompts.jsonl), built once from cached samples."""
     import random
 
-    assets = os.path.join(out, "assets")
     seed_dir = os.path.join(out, f"seed_{seed}")
     os.makedirs(seed_dir, exist_ok=True)
-    train_p, held_p = prompts(assets, cfg)
+    train_p, held_p = prompts(os.path.join(out, "assets"), cfg)
     pool = list(train_p)
     random.Random(seed).shuffle(pool)
     pairs_path, pinfo = build_pairs(seed_dir, model, pool[:cfg["n_prompts"]], cfg, seed, gold_fn, spurious_fn)
     boot = pool[cfg["n_prompts"]: cfg["n_prompts"] + cfg["boot_prompts"]]
     if not os.path.exists(os.path.join(seed_dir, "boot_prompts.jsonl")):
-        R.write_jsonl(os.path.join(seed_dir, "boot_prompts.jsonl"), [{"id": f"bp{n}", "prompt": p} for n, p in enumerate(boot)])
+        R.write_jsonl(os.path.join(seed_dir, "boot_prompts.jsonl"),
+                      [{"id": f"bp{n}", "prompt": p} for n, p in enumerate(boot)])
+    return seed_dir, pairs_path, pinfo, held_p
+
+
+def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, tokenizer, model, rank_anyway=False):
+    seed_dir, pairs_path, pinfo, held_p = training_pairs(out, seed, cfg, model, gold_fn, spurious_fn)
     eval_prompts = held_p[:cfg["n_eval_prompts"]]
     held_rows = sampled(seed_dir, "heldout_samples", model,
                         held_p[cfg["n_eval_prompts"]: cfg["n_eval_prompts"] + cfg["heldout_prompts"]],

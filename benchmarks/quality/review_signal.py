@@ -1,0 +1,177 @@
+"""Review-signal ablation (issue 23, item 1): how well each way of scoring the offline pairs finds the flipped
+labels on the SmolLM2 testbed, and what each is worth to hard and soft selection, over seeds.
+
+    python benchmarks/quality/review_signal.py --seeds 0 --out runs/q1 --threads 1   # one seed per process,
+    python benchmarks/quality/review_signal.py --seeds 1 --out runs/q1 --threads 1   # side by side
+    python benchmarks/quality/review_signal.py --seeds 0 1 2 --out runs/q1           # the table (cached runs)
+
+Per seed it builds the same noisy preference set as `run.py --testbed smollm2` (shared cache under OUT/seed_<s>)
+and runs the product once, through its CLI: three iterations of DPO on every pair (`--sera.keep_ratio 1.0`, no
+bootstrapping) with a cross-fitted review (`--sera.review_refit crossfit --sera.crossfit_folds 2
+--sera.review_average 2`), which trains π1, π2 and their fold twins. The reviews it writes at t = 2 and t = 3 are
+out of fold (each half scored by the twin trained without it) and, at t = 3, averaged over the two checkpoints;
+π1 and π2 themselves score every pair in sample, which is what the default review (`--sera.review_refit current`)
+reads. So one run gives every variant below, each also per token (`--sera.review_per_token`):
+
+    in-sample π1            the default review at t = 2
+    in-sample π2            the default review at t = 3
+    in-sample mean π1, π2   --sera.review_average 2 at t = 3
+    out-of-fold π1 twins    --sera.review_refit frozen --sera.crossfit_folds 2 (every iteration), or crossfit at t = 2
+    out-of-fold π2 twins    --sera.review_refit crossfit at t = 3
+    out-of-fold mean        --sera.review_refit crossfit --sera.review_average 2 at t = 3
+
+For each: the flip-detection AUROC against the gold flip flags (with a bootstrap interval per seed, a t-interval
+over seeds), the product's gold-free estimate of that AUROC (the mixture fit of sera_openrlhf.calibration), and the
+label information that uniform weights, the hard top-70 % cut and soft weights keep (review_information.py).
+Writes OUT/review_signal.md and .json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import metrics as M  # noqa: E402
+import run as R  # noqa: E402
+import smollm2 as S  # noqa: E402
+import validity as V  # noqa: E402
+from review_information import weights_information  # noqa: E402
+
+from sera_openrlhf.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from sera_openrlhf.selection import auroc  # noqa: E402
+
+FLAGS = ["--sera.keep_ratio", "1.0", "--sera.review_refit", "crossfit", "--sera.crossfit_folds", "2",
+         "--sera.review_average", "2"]
+VARIANTS = ("in-sample π1", "in-sample π2", "in-sample mean π1, π2", "out-of-fold π1 twins", "out-of-fold π2 twins",
+            "out-of-fold mean")
+
+
+def margins(sums, lens, per_token):
+    """IRM of each pair from (chosen, rejected) β·log-ratio sums and token counts."""
+    (c, r), (lc, lr) = sums, lens
+    if per_token:
+        return [a / la - b / lb for a, b, la, lb in zip(c, r, lc, lr)]
+    return [a - b for a, b in zip(c, r)]
+
+
+def in_sample(cache, key, policy, init, pairs):
+    """(β·log-ratio sums, token counts) of (chosen, rejected) under `policy` against the initial model, cached."""
+    def fn():
+        ps = [r["prompt"] for r in pairs]
+        out = {}
+        for name, path in (("policy", policy), ("init", init)):
+            out[name] = [R.response_logps(path, ps, [r[side] for r in pairs]) for side in ("chosen", "rejected")]
+        sums = [[S.BETA * (a - b) for a, b in zip(out["policy"][i][0], out["init"][i][0])] for i in (0, 1)]
+        return {"sums": sums, "lens": [out["policy"][0][1], out["policy"][1][1]]}
+    return S.cached(cache, key, fn)
+
+
+def seed_margins(out, seed, cfg, model, gold_fn, spurious_fn, threads, precision):
+    """{(variant, per_token): IRM list} aligned with pairs.jsonl, and the pairs' flip flags."""
+    seed_dir, pairs_path, _, _ = S.training_pairs(out, seed, cfg, model, gold_fn, spurious_fn)
+    pairs = R.read_jsonl(pairs_path)
+    run_dir = os.path.join(seed_dir, "review_signal")
+    cmd = S.command("sera_ss", model, pairs_path, len(pairs), cfg, seed_dir, seed, run_dir, precision) + FLAGS
+    _, _, rc = R.run_method("review_signal", cmd, run_dir, seed, S.env(threads))
+    if rc:
+        raise SystemExit(f"review_signal: the product run failed (exit {rc}); see {run_dir}/stdout.log")
+    cache = os.path.join(seed_dir, "measure_cache.json")
+    index = {r["id"]: n for n, r in enumerate(pairs)}
+    found = {}
+    for per_token in (False, True):
+        for t in (1, 2):
+            sc = in_sample(cache, f"review_signal_pi{t}", os.path.join(run_dir, f"iter_{t}", "policy"), model, pairs)
+            found[(f"in-sample π{t}", per_token)] = margins(sc["sums"], sc["lens"], per_token)
+            review = sorted(R.read_jsonl(os.path.join(run_dir, f"iter_{t + 1}", "review.jsonl")),
+                            key=lambda r: index[r["id"]])
+            if len(review) != len(pairs):
+                raise SystemExit(f"review_signal: {run_dir}/iter_{t + 1}/review.jsonl has {len(review)} of "
+                                 f"{len(pairs)} pairs (a pair over --data.max_len?)")
+            found[(f"out-of-fold π{t} twins", per_token)] = margins(
+                ([r["chosen_reward"] for r in review], [r["rejected_reward"] for r in review]),
+                ([r["chosen_len"] for r in review], [r["rejected_len"] for r in review]), per_token)
+        for kind in ("in-sample", "out-of-fold"):
+            a = found[(f"{kind} π1" + (" twins" if kind == "out-of-fold" else ""), per_token)]
+            b = found[(f"{kind} π2" + (" twins" if kind == "out-of-fold" else ""), per_token)]
+            name = "in-sample mean π1, π2" if kind == "in-sample" else "out-of-fold mean"
+            found[(name, per_token)] = [(x + y) / 2 for x, y in zip(a, b)]
+    return found, [bool(r["flipped"]) for r in pairs]
+
+
+def measure(irm, flipped, seed):
+    x, f = torch.tensor(irm, dtype=torch.float64), torch.tensor(flipped)
+    info = weights_information(x, f, S.FLIP)
+    rows = dict(info["rows"])
+    lo, hi = V.bootstrap(lambda ix: auroc(-x[ix], f[ix]) if 0 < int(f[ix].sum()) < len(ix) else float("nan"),
+                         len(irm), n_boot=1000, seed=seed)
+    return {"auroc": auroc(-x, f), "auroc_ci": [lo, hi], "est_auroc": info["fit"].est_flip_auroc,
+            "gated": info["gated"].fallback is None,
+            "hard_top70": rows["hard top 70% by IRM (SeRA-SS)"] / info["uniform"],
+            "soft": rows["soft, the product's calibration (gated)"] / info["uniform"],
+            "soft_ungated": rows["soft, the same fit without the no-signal gate"] / info["uniform"],
+            "ceiling": rows["soft, gold-calibrated logistic posterior (ceiling)"] / info["uniform"]}
+
+
+def report(out, per_seed):
+    seeds = sorted(per_seed)
+    lines = [f"Seeds {', '.join(map(str, seeds))}; {', '.join(str(per_seed[s]['n_pairs']) for s in seeds)} pairs, "
+             "30 % flipped. AUROC = flip-detection AUROC of −IRM against the gold flip flags (mean over seeds "
+             "[95 % t-interval]; per seed, with its bootstrap interval over pairs); gold-free = the product's own "
+             "estimate from the mixture fit; the last columns are label information relative to uniform weights "
+             "(DPO/cDPO = 1.00), mean over seeds.", "",
+             "| review | per token | AUROC | per seed | gold-free estimate | hard top 70 % | soft (gated) | "
+             "soft (no gate) | gold ceiling |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in VARIANTS:
+        for pt in (False, True):
+            ms = [per_seed[s]["variants"][f"{v}|{int(pt)}"] for s in seeds]
+            a, lo, hi = M.mean_ci([m["auroc"] for m in ms])
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
+            each = ", ".join(f"{m['auroc']:.3f} [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}]" for m in ms)
+            avg = lambda k: sum(m[k] for m in ms) / len(ms)  # noqa: E731
+            gated = sum(m["gated"] for m in ms)
+            lines.append(f"| {v} | {'yes' if pt else 'no'} | {a:.3f}{ci} | {each} | {avg('est_auroc'):.3f} | "
+                         f"{avg('hard_top70'):.2f}x | {avg('soft'):.2f}x ({gated}/{len(ms)} fit used) | "
+                         f"{avg('soft_ungated'):.2f}x | {avg('ceiling'):.2f}x |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(os.path.join(out, "review_signal.md"), text)
+    atomic_write_json(os.path.join(out, "review_signal.json"), per_seed)
+    return text
+
+
+def main(argv):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="review_signal.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(S.SIZES), default="default")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--out", default="runs/quality_smollm2")
+    ap.add_argument("--model", default=None, help="initial policy directory (default: the embedded SmolLM2)")
+    ap.add_argument("--gold", default="metrics:vader_gold")
+    ap.add_argument("--spurious", default="metrics:prefer_longer")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    args = ap.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "assets"), exist_ok=True)
+    gold_fn, spurious_fn = M.load_callable(args.gold), M.load_callable(args.spurious)
+    model = S.model_dir(args.model)
+    per_seed = {}
+    for seed in args.seeds:
+        found, flipped = seed_margins(out, seed, {**S.SIZES[args.size], "iterations": 3}, model, gold_fn, spurious_fn, args.threads,
+                                      args.precision)
+        per_seed[seed] = {"n_pairs": len(flipped), "n_flipped": sum(flipped), "variants": {
+            f"{v}|{int(pt)}": measure(irm, flipped, seed) for (v, pt), irm in found.items()}}
+        atomic_write_json(os.path.join(out, f"seed_{seed}", "review_signal.json"), per_seed[seed])
+    print(report(out, per_seed))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
