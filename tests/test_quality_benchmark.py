@@ -358,7 +358,7 @@ def test_review_signal_ablation_through_the_product(tiny_model, tmp_path):
     pairs = [json.loads(x) for x in (out / "seed_0" / "pairs.jsonl").read_text().splitlines()]
     assert res["n_pairs"] == len(pairs) and res["n_flipped"] == sum(r["flipped"] for r in pairs)
     rs = _load("review_signal")
-    assert set(res["variants"]) == {f"{v}|{p}" for v in rs.VARIANTS for p in (0, 1)}
+    assert set(res["variants"]) == {f"{v}|{p}" for v in rs.variants(3) for p in (0, 1)} and len(rs.variants(3)) == 6
     for m in res["variants"].values():
         assert 0.0 <= m["auroc"] <= 1.0 and m["hard_top70"] > 0
     # the out-of-fold π1 variant is the product's t = 2 review, recomputed from its review.jsonl
@@ -376,3 +376,13 @@ def test_review_signal_ablation_through_the_product(tiny_model, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert again.returncode == 0 and (run_dir / "sera_state.json").stat().st_mtime == mtime
     assert json.loads((out / "review_signal.json").read_text())["0"] == res
+    # three folds, one review: only pi_1 and its twins, in their own run directory and files
+    k3 = subprocess.run(cmd + ["--folds", "3", "--iterations", "2"], capture_output=True, text=True, timeout=900,
+                        cwd=REPO, env=env)
+    assert k3.returncode == 0, k3.stdout[-3000:] + k3.stderr[-3000:]
+    state = json.loads((out / "seed_0" / "review_signal_k3_t2" / "sera_state.json").read_text())
+    assert state["config"]["sera"]["crossfit_folds"] == 3 and state["config"]["sera"]["iterations"] == 2
+    res3 = json.loads((out / "review_signal_k3_t2.json").read_text())["0"]
+    assert set(res3["variants"]) == {f"{v}|{p}" for v in ("in-sample π1", "out-of-fold π1 twins") for p in (0, 1)}
+    assert {r["fold"] for r in map(json.loads, (out / "seed_0" / "review_signal_k3_t2" / "iter_2" /
+                                                "review.jsonl").read_text().splitlines())} == {0, 1, 2}

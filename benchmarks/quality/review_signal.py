@@ -20,6 +20,10 @@ reads. So one run gives every variant below, each also per token (`--sera.review
     out-of-fold π2 twins    --sera.review_refit crossfit at t = 3
     out-of-fold mean        --sera.review_refit crossfit --sera.review_average 2 at t = 3
 
+`--folds K --iterations T` runs the same with K folds (each twin trains on (K − 1)/K of the pairs) and reviews
+at t = 2..T (T = 2: π1 and its twins only), into OUT/seed_<s>/review_signal_k<K>_t<T> and
+OUT/review_signal_k<K>_t<T>.md.
+
 For each: the flip-detection AUROC against the gold flip flags (with a bootstrap interval per seed, a t-interval
 over seeds), the product's gold-free estimate of that AUROC (the mixture fit of sera_openrlhf.calibration), and the
 label information that uniform weights, the hard top-70 % cut and soft weights keep (review_information.py).
@@ -45,10 +49,18 @@ from review_information import weights_information  # noqa: E402
 from sera_openrlhf.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from sera_openrlhf.selection import auroc  # noqa: E402
 
-FLAGS = ["--sera.keep_ratio", "1.0", "--sera.review_refit", "crossfit", "--sera.crossfit_folds", "2",
-         "--sera.review_average", "2"]
-VARIANTS = ("in-sample π1", "in-sample π2", "in-sample mean π1, π2", "out-of-fold π1 twins", "out-of-fold π2 twins",
-            "out-of-fold mean")
+def variants(iterations):
+    """The review variants one run with T iterations gives, in table order."""
+    ts = range(1, iterations)
+    names = [f"in-sample π{t}" for t in ts]
+    names += ["in-sample mean π1, π2"] if iterations >= 3 else []
+    names += [f"out-of-fold π{t} twins" for t in ts]
+    return names + (["out-of-fold mean"] if iterations >= 3 else [])
+
+
+def tag(folds, iterations):
+    """Run-directory and output-file suffix of a non-default ablation run (K folds, T iterations)."""
+    return "" if (folds, iterations) == (2, 3) else f"_k{folds}_t{iterations}"
 
 
 def margins(sums, lens, per_token):
@@ -71,21 +83,25 @@ def in_sample(cache, key, policy, init, pairs):
     return S.cached(cache, key, fn)
 
 
-def seed_margins(out, seed, cfg, model, gold_fn, spurious_fn, threads, precision):
+def seed_margins(out, seed, cfg, model, gold_fn, spurious_fn, threads, precision, folds):
     """{(variant, per_token): IRM list} aligned with pairs.jsonl, and the pairs' flip flags."""
     seed_dir, pairs_path, _, _ = S.training_pairs(out, seed, cfg, model, gold_fn, spurious_fn)
     pairs = R.read_jsonl(pairs_path)
-    run_dir = os.path.join(seed_dir, "review_signal")
-    cmd = S.command("sera_ss", model, pairs_path, len(pairs), cfg, seed_dir, seed, run_dir, precision) + FLAGS
-    _, _, rc = R.run_method("review_signal", cmd, run_dir, seed, S.env(threads))
+    T = cfg["iterations"]
+    name = "review_signal" + tag(folds, T)
+    run_dir = os.path.join(seed_dir, name)
+    flags = ["--sera.keep_ratio", "1.0", "--sera.review_refit", "crossfit", "--sera.crossfit_folds", str(folds),
+             "--sera.review_average", str(T - 1)]
+    cmd = S.command("sera_ss", model, pairs_path, len(pairs), cfg, seed_dir, seed, run_dir, precision) + flags
+    _, _, rc = R.run_method(name, cmd, run_dir, seed, S.env(threads))
     if rc:
         raise SystemExit(f"review_signal: the product run failed (exit {rc}); see {run_dir}/stdout.log")
     cache = os.path.join(seed_dir, "measure_cache.json")
     index = {r["id"]: n for n, r in enumerate(pairs)}
     found = {}
     for per_token in (False, True):
-        for t in (1, 2):
-            sc = in_sample(cache, f"review_signal_pi{t}", os.path.join(run_dir, f"iter_{t}", "policy"), model, pairs)
+        for t in range(1, T):
+            sc = in_sample(cache, f"{name}_pi{t}", os.path.join(run_dir, f"iter_{t}", "policy"), model, pairs)
             found[(f"in-sample π{t}", per_token)] = margins(sc["sums"], sc["lens"], per_token)
             review = sorted(R.read_jsonl(os.path.join(run_dir, f"iter_{t + 1}", "review.jsonl")),
                             key=lambda r: index[r["id"]])
@@ -95,11 +111,10 @@ def seed_margins(out, seed, cfg, model, gold_fn, spurious_fn, threads, precision
             found[(f"out-of-fold π{t} twins", per_token)] = margins(
                 ([r["chosen_reward"] for r in review], [r["rejected_reward"] for r in review]),
                 ([r["chosen_len"] for r in review], [r["rejected_len"] for r in review]), per_token)
-        for kind in ("in-sample", "out-of-fold"):
-            a = found[(f"{kind} π1" + (" twins" if kind == "out-of-fold" else ""), per_token)]
-            b = found[(f"{kind} π2" + (" twins" if kind == "out-of-fold" else ""), per_token)]
-            name = "in-sample mean π1, π2" if kind == "in-sample" else "out-of-fold mean"
-            found[(name, per_token)] = [(x + y) / 2 for x, y in zip(a, b)]
+        if T >= 3:  # the first two checkpoints' mean (--sera.review_average 2 at t = 3)
+            for kind, mean in (("in-sample π{}", "in-sample mean π1, π2"), ("out-of-fold π{} twins", "out-of-fold mean")):
+                a, b = found[(kind.format(1), per_token)], found[(kind.format(2), per_token)]
+                found[(mean, per_token)] = [(x + y) / 2 for x, y in zip(a, b)]
     return found, [bool(r["flipped"]) for r in pairs]
 
 
@@ -117,16 +132,16 @@ def measure(irm, flipped, seed):
             "ceiling": rows["soft, gold-calibrated logistic posterior (ceiling)"] / info["uniform"]}
 
 
-def report(out, per_seed):
+def report(out, per_seed, folds, iterations):
     seeds = sorted(per_seed)
     lines = [f"Seeds {', '.join(map(str, seeds))}; {', '.join(str(per_seed[s]['n_pairs']) for s in seeds)} pairs, "
-             "30 % flipped. AUROC = flip-detection AUROC of −IRM against the gold flip flags (mean over seeds "
+             f"30 % flipped; {folds} folds, {iterations} iterations. AUROC = flip-detection AUROC of −IRM against the gold flip flags (mean over seeds "
              "[95 % t-interval]; per seed, with its bootstrap interval over pairs); gold-free = the product's own "
              "estimate from the mixture fit; the last columns are label information relative to uniform weights "
              "(DPO/cDPO = 1.00), mean over seeds.", "",
              "| review | per token | AUROC | per seed | gold-free estimate | hard top 70 % | soft (gated) | "
              "soft (no gate) | gold ceiling |", "|---|---|---|---|---|---|---|---|---|"]
-    for v in VARIANTS:
+    for v in variants(iterations):
         for pt in (False, True):
             ms = [per_seed[s]["variants"][f"{v}|{int(pt)}"] for s in seeds]
             a, lo, hi = M.mean_ci([m["auroc"] for m in ms])
@@ -138,8 +153,8 @@ def report(out, per_seed):
                          f"{avg('hard_top70'):.2f}x | {avg('soft'):.2f}x ({gated}/{len(ms)} fit used) | "
                          f"{avg('soft_ungated'):.2f}x | {avg('ceiling'):.2f}x |")
     text = "\n".join(lines) + "\n"
-    atomic_write_text(os.path.join(out, "review_signal.md"), text)
-    atomic_write_json(os.path.join(out, "review_signal.json"), per_seed)
+    atomic_write_text(os.path.join(out, f"review_signal{tag(folds, iterations)}.md"), text)
+    atomic_write_json(os.path.join(out, f"review_signal{tag(folds, iterations)}.json"), per_seed)
     return text
 
 
@@ -156,7 +171,11 @@ def main(argv):
     ap.add_argument("--spurious", default="metrics:prefer_longer")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    ap.add_argument("--folds", type=int, default=2, help="--sera.crossfit_folds K (each twin trains on (K-1)/K)")
+    ap.add_argument("--iterations", type=int, default=3, help="T: reviews at t = 2..T (T >= 2; the means need 3)")
     args = ap.parse_args(argv)
+    if args.folds < 2 or args.iterations < 2:
+        ap.error("--folds and --iterations must be >= 2")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     out = os.path.abspath(args.out)
@@ -164,13 +183,15 @@ def main(argv):
     gold_fn, spurious_fn = M.load_callable(args.gold), M.load_callable(args.spurious)
     model = S.model_dir(args.model)
     per_seed = {}
+    cfg = {**S.SIZES[args.size], "iterations": args.iterations}
     for seed in args.seeds:
-        found, flipped = seed_margins(out, seed, {**S.SIZES[args.size], "iterations": 3}, model, gold_fn, spurious_fn, args.threads,
-                                      args.precision)
+        found, flipped = seed_margins(out, seed, cfg, model, gold_fn, spurious_fn, args.threads, args.precision,
+                                      args.folds)
         per_seed[seed] = {"n_pairs": len(flipped), "n_flipped": sum(flipped), "variants": {
             f"{v}|{int(pt)}": measure(irm, flipped, seed) for (v, pt), irm in found.items()}}
-        atomic_write_json(os.path.join(out, f"seed_{seed}", "review_signal.json"), per_seed[seed])
-    print(report(out, per_seed))
+        atomic_write_json(os.path.join(out, f"seed_{seed}", f"review_signal{tag(args.folds, args.iterations)}.json"),
+                          per_seed[seed])
+    print(report(out, per_seed, args.folds, args.iterations))
 
 
 if __name__ == "__main__":
