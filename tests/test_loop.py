@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import base_flags, read_jsonl, run_cli
 
 # lr 3e-4 (not base_flags' 1e-3): at 1e-3 the tiny policy drifts so far from π0 in two iterations that most of its
@@ -162,6 +163,11 @@ def test_the_robust_review_and_judge_flags_run_together_through_the_cli(tiny_mod
     irm2 = {r["id"]: r["irm"] for r in read_jsonl(run_dir / "iter_2" / "review.jsonl")}
     assert all(r["irm_averaged"] == pytest.approx((r["irm"] + irm2[r["id"]]) / 2) for r in review3)
     assert its["3"]["review"]["calibration"]["reviews_averaged"] == 2
+    assert its["2"]["review"]["calibration"]["previous_review_correlation"] is None  # no earlier review
+    ids = [r["id"] for r in review3]
+    expect = torch.corrcoef(torch.tensor([[r["irm"] for r in review3], [irm2[i] for i in ids]], dtype=torch.float64))
+    assert its["3"]["review"]["calibration"]["previous_review_correlation"] == pytest.approx(float(expect[0, 1]))
+    assert f"correlation with the previous review {float(expect[0, 1]):.4f}" in (run_dir / "report" / "report.md").read_text()
     share = 0.0
     for t in ("2", "3"):
         cal = its[t]["review"]["calibration"]

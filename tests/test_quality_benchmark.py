@@ -370,8 +370,12 @@ def test_review_signal_ablation_through_the_product(tiny_model, tmp_path):
 
     expect = auroc(-torch.tensor(irm), torch.tensor([r["flipped"] for r in pairs]))
     assert res["variants"]["out-of-fold π1 twins|0"]["auroc"] == pytest.approx(expect)
+    # the out-of-fold test-retest correlation is the one the product itself records at t = 3
+    product = state["iterations"]["3"]["review"]["calibration"]["previous_review_correlation"]
+    assert res["checkpoint_correlation"]["out-of-fold π{} twins|0"] == pytest.approx(product, abs=1e-6)
+    assert all(-1 <= c <= 1 for c in res["checkpoint_correlation"].values()) and len(res["checkpoint_correlation"]) == 4
     md = (out / "review_signal.md").read_text()
-    assert md.count("| out-of-fold mean |") == 2 and md.count("| in-sample π1 |") == 2 and md.count("\n| ") == 1 + 12
+    assert md.count("| out-of-fold mean |") == 2 and md.count("| in-sample π1 |") == 2 and md.count("\n| ") == 1 + 12 + 1 + 4
     mtime = (run_dir / "sera_state.json").stat().st_mtime
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert again.returncode == 0 and (run_dir / "sera_state.json").stat().st_mtime == mtime

@@ -46,6 +46,8 @@ import smollm2 as S  # noqa: E402
 import validity as V  # noqa: E402
 from review_information import weights_information  # noqa: E402
 
+from sera_openrlhf.phases.review import correlation  # noqa: E402
+
 from sera_openrlhf.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from sera_openrlhf.selection import auroc  # noqa: E402
 
@@ -152,6 +154,18 @@ def report(out, per_seed, folds, iterations):
             lines.append(f"| {v} | {'yes' if pt else 'no'} | {a:.3f}{ci} | {each} | {avg('est_auroc'):.3f} | "
                          f"{avg('hard_top70'):.2f}x | {avg('soft'):.2f}x ({gated}/{len(ms)} fit used) | "
                          f"{avg('soft_ungated'):.2f}x | {avg('ceiling'):.2f}x |")
+    corr = [per_seed[s].get("checkpoint_correlation") for s in seeds]
+    if all(corr):
+        lines += ["", "Correlation of the margins of the two checkpoints (π1 and π2, or their twins) over the pairs, per "
+                  "seed: the gold-free test-retest number the product records as "
+                  "`review.calibration.previous_review_correlation`.", "",
+                  "| review | per token | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|---|" + "---|" * len(seeds)]
+        for kind in ("in-sample π{}", "out-of-fold π{} twins"):
+            for pt in (0, 1):
+                lines.append(f"| {kind.format('1 vs π2').replace(' twins', '')}{' twins' if 'twins' in kind else ''}"
+                             f" | {'yes' if pt else 'no'} | " + " | ".join(f"{c[f'{kind}|{pt}']:.3f}" for c in corr)
+                             + " |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(os.path.join(out, f"review_signal{tag(folds, iterations)}.md"), text)
     atomic_write_json(os.path.join(out, f"review_signal{tag(folds, iterations)}.json"), per_seed)
@@ -189,6 +203,11 @@ def main(argv):
                                       args.folds)
         per_seed[seed] = {"n_pairs": len(flipped), "n_flipped": sum(flipped), "variants": {
             f"{v}|{int(pt)}": measure(irm, flipped, seed) for (v, pt), irm in found.items()}}
+        if args.iterations >= 3:  # the product's gold-free test-retest number (review.calibration) at t = 3
+            per_seed[seed]["checkpoint_correlation"] = {
+                f"{kind}|{int(pt)}": correlation(torch.tensor(found[(kind.format(2), pt)]),
+                                                 torch.tensor(found[(kind.format(1), pt)]))
+                for kind in ("in-sample π{}", "out-of-fold π{} twins") for pt in (False, True)}
         atomic_write_json(os.path.join(out, f"seed_{seed}", f"review_signal{tag(args.folds, args.iterations)}.json"),
                           per_seed[seed])
     print(report(out, per_seed, args.folds, args.iterations))

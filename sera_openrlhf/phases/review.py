@@ -95,6 +95,16 @@ def margins(ctx: RunContext, t: int, scores: dict):
     return raw, prev, irm, len(window)
 
 
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson correlation of two reviews' margins over the pairs both scored: a gold-free test-retest check of
+    the review (margins that are mostly noise do not repeat from one checkpoint to the next)."""
+    both = ~(a.isnan() | b.isnan())
+    if int(both.sum()) < 3:
+        return None
+    r = torch.corrcoef(torch.stack([a[both].double(), b[both].double()]))[0, 1]
+    return float(r) if torch.isfinite(r) else None
+
+
 def run(ctx: RunContext, t: int) -> dict:
     scores, fold_of = score(ctx, t)
     ids = scores["ids"]
@@ -112,7 +122,8 @@ def run(ctx: RunContext, t: int) -> dict:
         result = apply_selector(selector, table, config)
     stats = selection_stats(table, result, previous_kept_ids=kept_ids(ctx, t - 1) if t >= 3 else None)
     stats["signal"] = signal
-    stats["calibration"] = {**cal.stats(), "out_of_fold": bool(fold_of), "reviews_averaged": window}
+    stats["calibration"] = {**cal.stats(), "out_of_fold": bool(fold_of), "reviews_averaged": window,
+                            "previous_review_correlation": correlation(raw, prev[-1]) if prev else None}
     stats["n_prompt_too_long"] = len(scores["too_long"])
     ctx.write_rows(ctx.layout.review(t), [
         {"id": i, "irm": float(raw[n]), **({"irm_averaged": float(irm[n])} if window > 1 else {}),

@@ -162,7 +162,9 @@ def _calibration(iterations: list[IterationSummary]) -> list[str]:
     parts = [f"iteration {t}" + ("" if c.get("out_of_fold", True) else " (in sample)") + ": " +
              (f"no signal ({c['fallback']})" if c.get("fallback") else
               f"estimated flip rate {_fmt(num(c.get('flip_rate')), 'pct')}, estimated flip-detection AUROC "
-              f"{_fmt(num(c.get('est_flip_auroc')))}") for t, c in cal]
+              f"{_fmt(num(c.get('est_flip_auroc')))}") +
+             (f", correlation with the previous review {_fmt(num(c['previous_review_correlation']))}"
+              if c.get("previous_review_correlation") is not None else "") for t, c in cal]
     return ["Review calibration (gold-free: right labels' IRMs fitted as N(mu, sigma^2), flipped ones as "
             "N(-mu, sigma^2); in-sample IRMs overstate it; with `--sera.select_mode soft` each pair trains with "
             "its confidence, and without signal every pair gets 1 - `--model.label_smoothing`, i.e. cDPO): "
