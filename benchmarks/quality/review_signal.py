@@ -32,6 +32,7 @@ Writes OUT/review_signal.md and .json.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -74,14 +75,20 @@ def margins(sums, lens, per_token):
 
 
 def in_sample(cache, key, policy, init, pairs):
-    """(β·log-ratio sums, token counts) of (chosen, rejected) under `policy` against the initial model, cached."""
-    def fn():
+    """(β·log-ratio sums, token counts) of (chosen, rejected) under `policy` against the initial model, cached
+    (the initial model's log-probs once per seed)."""
+    def logps(path):
         ps = [r["prompt"] for r in pairs]
-        out = {}
-        for name, path in (("policy", policy), ("init", init)):
-            out[name] = [R.response_logps(path, ps, [r[side] for r in pairs]) for side in ("chosen", "rejected")]
-        sums = [[S.BETA * (a - b) for a, b in zip(out["policy"][i][0], out["init"][i][0])] for i in (0, 1)]
-        return {"sums": sums, "lens": [out["policy"][0][1], out["policy"][1][1]]}
+        return lambda: [R.response_logps(path, ps, [r[side] for r in pairs]) for side in ("chosen", "rejected")]
+
+    if os.path.exists(cache) and key in json.load(open(cache)):
+        return json.load(open(cache))[key]
+    ini = S.cached(cache, "review_signal_init", logps(init))  # before `key`'s entry: cached() rewrites the file
+
+    def fn():
+        pol = logps(policy)()
+        return {"sums": [[S.BETA * (a - b) for a, b in zip(pol[i][0], ini[i][0])] for i in (0, 1)],
+                "lens": [pol[0][1], pol[1][1]]}
     return S.cached(cache, key, fn)
 
 
