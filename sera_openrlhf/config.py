@@ -161,7 +161,8 @@ class ReviewConfig:
                                  check=at_least(1))
     review_refit: str = option("current", "Which policies score the offline pairs at iteration t. current: "
                                "pi_{t-1}, in-sample, each iteration. crossfit: each of --sera.crossfit_folds folds by "
-                               "a twin of pi_{t-1} trained without that fold, refit each iteration. frozen: the "
+                               "a twin of pi_{t-1} whose whole training chain left that fold out, refit each "
+                               "iteration. frozen: the "
                                "iteration-1 policies (the fold twins with --sera.crossfit_folds, else the first-pass "
                                "pi_1) every iteration", choices=("current", "crossfit", "frozen"))
 

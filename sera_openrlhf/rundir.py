@@ -66,6 +66,17 @@ class RunDir:
         """The twin of π_t trained without offline fold k; it scores fold k at review t + 1."""
         return os.path.join(self.iteration(t), f"fold_{k}", "policy")
 
+    def fold_start(self, t: int, k: int) -> str:
+        """Where π_t's fold-k twin starts training: π_{t−1}'s fold-k twin, never π_{t−1} itself, which trained on
+        fold k (the twins form their own chain that never sees fold k); π_0 at t = 1."""
+        return self.fold_policy(t - 1, k) if t >= 2 else self.policy(0)
+
+    def fold_reference(self, t: int, k: int) -> str:
+        """The reference of π_t's fold-k twin: with --sera.reference previous, its own chain's previous policy."""
+        if self.reference_rule == "previous" and t >= 2:
+            return self.fold_start(t, k)
+        return self.initial_reference
+
     def review(self, t: int) -> str:
         return os.path.join(self.iteration(t), "review.jsonl")
 

@@ -34,6 +34,15 @@ def resume_config(config: dict) -> dict:
             if not any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL)}
 
 
+def added_at_default(key: str, old: dict, new: dict) -> bool:
+    """A --sera flag newer than the run (absent from its stored configuration) left at its default changes
+    nothing the run computes: upgrading the plugin must not strand a half-finished run."""
+    from sera_openrlhf.config import defaults
+
+    name = key[len("sera."):] if key.startswith("sera.") else None
+    return key not in old and name in defaults() and new.get(key) == defaults()[name]
+
+
 def checksum(data: dict) -> str:
     """sha256 of the state's JSON body (every key but "checksum"), as `RunState.save` writes it."""
     body = json.dumps({k: v for k, v in data.items() if k != "checksum"}, sort_keys=True)
@@ -52,7 +61,7 @@ class RunState:
         if os.path.exists(self.path):
             self.data = self._read()
             old, new = resume_config(self.data["config"]), resume_config(config)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not added_at_default(k, old, new))
             if diff and not force:
                 shown = ", ".join(f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
                 raise StateError(

@@ -69,6 +69,19 @@ def test_changed_configuration_names_the_flag(tmp_path):
     RunState(str(tmp_path / "sera_state.json"), {"sera": {"keep_ratio": 0.5}}, force=True, writer=True)
 
 
+def test_a_flag_newer_than_the_run_resumes_at_its_default_only(tmp_path):
+    """A run started before a --sera flag existed resumes under a newer plugin while the flag keeps its default;
+    set otherwise, it is a changed configuration like any other. Unknown or stock flags get no such pass."""
+    path = str(tmp_path / "sera_state.json")
+    RunState(path, {"sera": {"keep_ratio": 0.7}}, force=False, writer=True).save()
+    RunState(path, {"sera": {"keep_ratio": 0.7, "judge_consistency": False, "crossfit_folds": 0}}, force=False,
+             writer=True)
+    with pytest.raises(StateError, match=r"--sera.judge_consistency None -> True"):
+        RunState(path, {"sera": {"keep_ratio": 0.7, "judge_consistency": True}}, force=False, writer=True)
+    with pytest.raises(StateError, match=r"--train.seed None -> 42"):
+        RunState(path, {"sera": {"keep_ratio": 0.7}, "train": {"seed": 42}}, force=False, writer=True)
+
+
 # -- NaN / inf ------------------------------------------------------------------------------------------------
 NAN_LOSS = textwrap.dedent('''
     import torch

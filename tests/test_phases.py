@@ -120,6 +120,15 @@ def test_train_pairs_gives_every_iteration_exactly_the_budget(tmp_path, n_mix, b
     in_fold = {r["id"] for r, k in zip(ctx.rows, train.folds(ctx)) if k == 0}
     trained = ctx.backend.trained[-1][1]
     assert twin["n_rows"] == len(trained) and not {r.get("source_id", r["id"]) for r in trained} & in_fold
+    # the twin continues its own chain (pi_1's fold-0 twin), never pi_1, which trained on fold 0
+    name, _, start, reference, out = ctx.backend.trained[-1]
+    assert start == ctx.layout.fold_policy(1, 0) != ctx.layout.policy(1) and out == ctx.layout.fold_policy(2, 0)
+    assert reference == ctx.layout.reference(2)  # the initial model by default
+    train.fold_twin(ctx, 1, 0)
+    assert ctx.backend.trained[-1][2] == ctx.layout.policy(0)  # the chain starts at pi_0
+    ctx.layout.reference_rule = "previous"  # --sera.reference previous: the twin's reference is its own chain's
+    train.fold_twin(ctx, 2, 0)
+    assert ctx.backend.trained[-1][3] == ctx.layout.fold_policy(1, 0)
     fp = context(tmp_path / "fp", train_pairs=budget)
     fp.rows = ctx.rows
     assert train.first_pass(fp)["n_train_pairs"] == budget

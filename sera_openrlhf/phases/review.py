@@ -38,7 +38,7 @@ def score(ctx: RunContext, t: int):
     """Implicit rewards of every offline pair, and the fold of each id (empty without cross-fitting)."""
     n_folds, s = ctx.cfg.review.crossfit_folds, scoring_iteration(ctx, t)
     if n_folds >= 2:
-        parts = [ctx.backend.pair_rewards(ctx.layout.fold_policy(s, k), ctx.layout.reference(s),
+        parts = [ctx.backend.pair_rewards(ctx.layout.fold_policy(s, k), ctx.layout.fold_reference(s, k),
                                           fold_rows(ctx, k, held_out=True)) for k in range(n_folds)]
         scores = {key: (sum((p[key] for p in parts), []) if isinstance(parts[0][key], list)
                         else torch.cat([p[key] for p in parts])) for key in parts[0]}

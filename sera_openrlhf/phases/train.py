@@ -72,13 +72,14 @@ def fold_twins_needed(ctx: RunContext, t: int) -> bool:
 
 
 def fold_twin(ctx: RunContext, t: int, k: int) -> dict:
-    """π_t's twin without offline fold k: the same start and training set as π_t, minus fold k's offline pairs
-    (bootstrapped pairs stay), so it scores fold k out of sample at the next review."""
+    """π_t's twin without offline fold k: π_t's training set minus fold k's offline pairs (bootstrapped pairs
+    stay), started from π_{t−1}'s twin (`RunDir.fold_start`), so no policy in its chain ever trained on fold k
+    and it scores fold k out of sample at the next review."""
     path = ctx.layout.train_set(t)
     rows = read_jsonl(path) if os.path.exists(path) else ctx.rows
     fold_of = dict(zip((r["id"] for r in ctx.rows), folds(ctx)))
     rows = [r for r in rows if fold_of.get(r.get("source_id", r["id"])) != k]
-    stats = ctx.backend.train(f"iter{t}_fold{k}", rows, ctx.layout.policy(t - 1), ctx.layout.reference(t),
+    stats = ctx.backend.train(f"iter{t}_fold{k}", rows, ctx.layout.fold_start(t, k), ctx.layout.fold_reference(t, k),
                               ctx.layout.fold_policy(t, k))
     return {**stats, "fold": k, "n_rows": len(rows)}
 
