@@ -241,13 +241,8 @@ def test_random_selector_keeps_the_share_reproducibly():
     assert sorted(kept, key=lambda x: int(x[1:])) != [f"p{i}" for i in range(6, 20)]  # not the top-IRM pairs
 
 
-def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
-    """`run.py --testbed smollm2 --size smoke` end to end (a tiny model stands in for SmolLM2 via --model): the
-    validity block is computed and decides the exit code, every method trains on the same number of pairs, and
-    a second invocation resumes from the cache without training again."""
-    import json
-    import subprocess
-
+def _smoke_testbed(tmp_path):
+    """(OUT with tiny stand-in snippets for the SmolLM2 testbed, a gold file): a keyword-sentiment gold reward."""
     import tiny
 
     out = tmp_path / "q"
@@ -257,6 +252,17 @@ def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
     gold = tmp_path / "gold.py"
     gold.write_text("import tiny\n\ndef gold(prompt, response):\n    w = response.split()\n"
                     "    return sum((x in tiny.POSITIVE) - (x in tiny.NEGATIVE) for x in w) + 0.01 * len(w)\n")
+    return out, gold
+
+
+def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
+    """`run.py --testbed smollm2 --size smoke` end to end (a tiny model stands in for SmolLM2 via --model): the
+    validity block is computed and decides the exit code, every method trains on the same number of pairs, and
+    a second invocation resumes from the cache without training again."""
+    import json
+    import subprocess
+
+    out, gold = _smoke_testbed(tmp_path)
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality", "run.py"), "--testbed", "smollm2", "--size",
            "smoke", "--model", tiny_model, "--out", str(out), "--methods", "dpo", "dpo_clean", "random", "sera_soft",
            "--threads",
@@ -336,15 +342,7 @@ def test_review_signal_ablation_through_the_product(tiny_model, tmp_path):
     import json
     import subprocess
 
-    import tiny
-
-    out = tmp_path / "q"
-    (out / "assets").mkdir(parents=True)
-    lines = [f"{i}\t0.0\t{text} {text}" for i, text in enumerate(tiny.corpus(300, seed=3))]
-    (out / "assets" / "movieReviewSnippets_GroundTruth.txt").write_text("\n".join(lines) + "\n")
-    gold = tmp_path / "gold.py"
-    gold.write_text("import tiny\n\ndef gold(prompt, response):\n    w = response.split()\n"
-                    "    return sum((x in tiny.POSITIVE) - (x in tiny.NEGATIVE) for x in w) + 0.01 * len(w)\n")
+    out, gold = _smoke_testbed(tmp_path)
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality", "review_signal.py"), "--size", "smoke",
            "--model", tiny_model, "--out", str(out), "--seeds", "0", "--threads", "1", "--precision", "fp32",
            "--gold", f"{gold}:gold"]
