@@ -152,9 +152,10 @@ def test_the_robust_review_and_judge_flags_run_together_through_the_cli(tiny_mod
     """Soft review on the IRM averaged over two reviews, a pessimistic unanimous judge and the adaptive share, in
     one 3-iteration run: each leaves its trace in the state and the run files."""
     run_dir = tmp_path / "run"
-    run_cli(loop_flags(tiny_model, tiny_data, run_dir, 3, "--sera.select_mode", "soft", "--model.label_smoothing",
-                       "0.1", "--sera.review_average", "2", "--sera.judge_lambda", "1.0", "--sera.judge_unanimous",
-                       "--sera.share_min_auroc", "0.6", "--sera.generated_share_step", "0.25"))
+    proc = run_cli(loop_flags(tiny_model, tiny_data, run_dir, 3, "--sera.select_mode", "soft",
+                              "--model.label_smoothing", "0.1", "--sera.review_average", "2", "--sera.judge_lambda",
+                              "1.0", "--sera.judge_unanimous", "--sera.share_min_auroc", "0.6",
+                              "--sera.generated_share_step", "0.25"))
     state = json.loads((run_dir / "sera_state.json").read_text())
     its = state["iterations"]
     assert [r["confidence"] for r in read_jsonl(run_dir / "iter_1" / "train_set.jsonl")] == [0.9] * 64
@@ -163,11 +164,14 @@ def test_the_robust_review_and_judge_flags_run_together_through_the_cli(tiny_mod
     irm2 = {r["id"]: r["irm"] for r in read_jsonl(run_dir / "iter_2" / "review.jsonl")}
     assert all(r["irm_averaged"] == pytest.approx((r["irm"] + irm2[r["id"]]) / 2) for r in review3)
     assert its["3"]["review"]["calibration"]["reviews_averaged"] == 2
+    fitted = [t for t in ("2", "3") if not its[t]["review"]["calibration"]["fallback"]]
+    assert proc.stdout.count("soft review calibrated on in-sample margins") == len(fitted)  # no crossfit here
     assert its["2"]["review"]["calibration"]["previous_review_correlation"] is None  # no earlier review
     ids = [r["id"] for r in review3]
     expect = torch.corrcoef(torch.tensor([[r["irm"] for r in review3], [irm2[i] for i in ids]], dtype=torch.float64))
     assert its["3"]["review"]["calibration"]["previous_review_correlation"] == pytest.approx(float(expect[0, 1]))
-    assert f"correlation with the previous review {float(expect[0, 1]):.4f}" in (run_dir / "report" / "report.md").read_text()
+    report = (run_dir / "report" / "report.md").read_text()
+    assert f"correlation with the previous review {float(expect[0, 1]):.4f}" in report
     share = 0.0
     for t in ("2", "3"):
         cal = its[t]["review"]["calibration"]

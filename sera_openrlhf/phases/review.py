@@ -117,6 +117,13 @@ def run(ctx: RunContext, t: int) -> dict:
     confidence = None
     if config.mode == "soft":  # every pair stays; its label confidence goes to the loss
         confidence = cal.confidence.tolist()
+        if not fold_of and cal.fallback is None:
+            # measured (docs/results.md): chance-level in-sample margins fit as an AUROC ~0.9 review
+            ctx.backend.print(
+                f"[sera] warning: iteration {t}: soft review calibrated on in-sample margins (estimated flip AUROC "
+                f"{cal.est_flip_auroc:.2f}): a policy separates the pairs it trained on whatever their labels, so "
+                "this estimate and the confidences overstate the review. Use --sera.review_refit crossfit (or "
+                "frozen) with --sera.crossfit_folds 2 for confidences that mean something.")
         result = SelectionResult(torch.ones(len(ids), dtype=torch.bool), torch.ones(len(ids)), list(ids))
     else:
         result = apply_selector(selector, table, config)
