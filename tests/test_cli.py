@@ -20,6 +20,17 @@ def test_help_lists_stock_and_sera_flags():
     assert "fp32" in out  # the dtype choice we add
 
 
+def _check_margins(out, n_pairs: int):
+    """train_margins.jsonl: every pair once per epoch (all ranks gathered), its implicit rewards under the policy
+    before the step that trains on it: at the first step that policy is the reference, so every reward is 0."""
+    rows = read_jsonl(out / "train_margins.jsonl")
+    assert len(rows) == n_pairs and len({r["id"] for r in rows}) == n_pairs
+    first = rows[:8]  # the first optimizer step's pairs (global batch 8, whatever the ranks and accumulation)
+    assert all(abs(r["chosen_reward"]) < 1e-4 and abs(r["rejected_reward"]) < 1e-4 for r in first)
+    assert max(abs(r["chosen_reward"] - r["rejected_reward"]) for r in rows[-8:]) > 1e-3  # the policy moved
+    assert all(r["chosen_len"] > 0 and r["rejected_len"] > 0 for r in rows)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 3])
 def test_sera_trainer_zero_stages(tiny_model, tiny_data, tmp_path, stage):
@@ -29,6 +40,7 @@ def test_sera_trainer_zero_stages(tiny_model, tiny_data, tmp_path, stage):
     assert len(log) == 8
     assert log[-1]["loss"] < log[0]["loss"]
     assert (out / "model.safetensors").exists()
+    _check_margins(out, 64)
 
 
 @pytest.mark.slow
@@ -42,6 +54,7 @@ def test_torchrun_two_processes(tiny_model, tiny_data, tmp_path):
     assert len(log) == 8  # global batch 8 over 2 ranks: same number of optimizer steps
     assert log[-1]["loss"] < log[0]["loss"]
     assert proc.stdout.count("model saved to") == 1  # rank 0 reports
+    _check_margins(out, 64)
 
 
 @pytest.mark.slow

@@ -251,7 +251,7 @@ def test_trainer_multiplies_each_pair_loss_by_its_weight():
 
     def loss_with(weights):
         dataset = SimpleNamespace(weights=torch.tensor(weights), nll_coefs=torch.zeros(3), confidences=torch.ones(3))
-        _, preference_loss, out, _ = trainer.batch_loss(data, dataset)
+        _, preference_loss, out, _, _ = trainer.batch_loss(data, dataset)
         return preference_loss, out.losses
 
     unweighted, per_pair = loss_with([1.0, 1.0, 1.0])

@@ -271,8 +271,16 @@ def train_policy(args, strategy, *, policy_path: str, ref_path: str, rows, outpu
             dist.barrier()
     else:
         strategy.save_model(model, tokenizer, output_dir)
+    margins = trainer.pair_margins
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, margins)
+        # ranks of one sp/tp group trained the same pairs in the same step: one record each
+        margins = list({(m["id"], m["epoch"], m["micro_step"]): m for part in parts for m in part}.values())
     if strategy.is_rank_0():
         atomic_write_jsonl(os.path.join(output_dir, "train_log.jsonl"), trainer.step_logs)
+        atomic_write_jsonl(os.path.join(output_dir, "train_margins.jsonl"),
+                           sorted(margins, key=lambda m: (m["epoch"], m["micro_step"])))
     if on_trained is not None and lora is None:  # a LoRA model's weights are not the merged policy's
         on_trained(model)
     stats = {

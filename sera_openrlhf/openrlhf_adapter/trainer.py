@@ -9,7 +9,10 @@ Differences from the stock `fit` loop, and why:
 - with `packed=True` (--sera.packed_train) the policy's log-probs come from the scoring engine's packed layout
   (a pair's prompt once, the LM head on response positions only): the same loss up to float rounding;
 - every optimizer step is appended to `step_logs` (and `<output_dir>/train_log.jsonl` by the caller) and
-  announced as the `events` point `<phase>:step<n>`.
+  announced as the `events` point `<phase>:step<n>`;
+- every pair's implicit rewards in the forward that trains on it (before that step's update) are appended to
+  `pair_margins` (`<output_dir>/train_margins.jsonl`): in the first epoch a policy that has not seen the pair
+  yet scores it, a free out-of-sample review (--sera.review_refit prequential).
 Logging, evaluation and checkpointing reuse the stock `save_logs_and_checkpoints`.
 
 OpenRLHF 0.11.2 computes the loss inline in `DPOTrainer.fit`, with no narrower hook, so `fit` and `evaluate`
@@ -46,6 +49,7 @@ class SeraDPOTrainer(DPOTrainer):
         self.train_dataset = train_dataset
         self.ref_logps = ref_logps  # callable(dataset, LongTensor indices) -> (chosen [B], rejected [B]) or None
         self.step_logs: list[dict] = []
+        self.pair_margins: list[dict] = []  # per pair per training forward, this rank's (record_margins)
         # --sera.packed_train: the scoring engine's packed layout (None where it does not apply; see policy_logps)
         self.packed = None
         if packed and not self.aux_loss:
@@ -108,7 +112,18 @@ class SeraDPOTrainer(DPOTrainer):
             loss = loss + chosen_nll.mean() * self.args.model.nll_loss_coef
         if self.aux_loss and output is not None and "aux_loss" in output:
             loss = loss + output.aux_loss * self.args.model.aux_loss_coef
-        return loss, preference_loss, out, chosen_nll
+        return loss, preference_loss, out, chosen_nll, lengths
+
+    def record_margins(self, indices, out, lengths, epoch, step):
+        """Each pair's implicit rewards in the forward that trains on it, i.e. under the policy before this step's
+        update: in the first epoch a policy that has not seen the pair (the prequential review)."""
+        B = len(indices)
+        cols = [x.detach().double().cpu().tolist() for x in
+                (out.chosen_rewards, out.rejected_rewards, lengths[:B], lengths[B:])]
+        for i, (rc, rr, lc, lr) in zip(indices.tolist(), zip(*cols)):
+            self.pair_margins.append({"id": self.train_dataset.ids[int(i)], "epoch": epoch, "micro_step": step,
+                                      "chosen_reward": rc, "rejected_reward": rr, "chosen_len": int(lc),
+                                      "rejected_len": int(lr)})
 
     def _check_finite(self, loss, global_step):
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
@@ -148,8 +163,9 @@ class SeraDPOTrainer(DPOTrainer):
             if self.ref_model is not None:
                 self.ref_model.eval()
             for data in self.train_dataloader:
-                loss, preference_loss, out, chosen_nll = self.batch_loss(data, self.train_dataset)
+                loss, preference_loss, out, chosen_nll, lengths = self.batch_loss(data, self.train_dataset)
                 self._check_finite(loss, step // self.strategy.accumulated_gradient)
+                self.record_margins(data[5], out, lengths, epoch, step)
                 self.strategy.backward(loss, self.model, self.optimizer)
                 self.strategy.optimizer_step(self.optimizer, self.model, self.scheduler)
 
@@ -191,7 +207,7 @@ class SeraDPOTrainer(DPOTrainer):
         with torch.no_grad():
             for data in tqdm(eval_dataloader, desc=f"Eval stage of global_step {steps}",
                              disable=not self.strategy.is_rank_0()):
-                _, preference_loss, out, _ = self.batch_loss(data, eval_dataloader.dataset)
+                _, preference_loss, out, _, _ = self.batch_loss(data, eval_dataloader.dataset)
                 b = out.chosen_rewards.numel()
                 acc_sum += (out.chosen_rewards > out.rejected_rewards).sum().item()
                 margin_sum += (out.chosen_rewards - out.rejected_rewards).sum().item()
