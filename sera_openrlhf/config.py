@@ -74,7 +74,8 @@ class LoopConfig:
                                      "Jaccard overlap with the previous iteration's is at least this ...",
                                      check=fraction())
     converge_min_gain: float = option(0.0, "... and the mean IRM of kept pairs rose by less than this (never with "
-                                      "--sera.review_refit frozen: its review does not change)", check=FINITE)
+                                      "--sera.review_refit frozen or prequential: its review does not change)",
+                                      check=FINITE)
     train_pairs: int = option(0, "Train every iteration on exactly this many pairs (0 = the whole mix): a larger "
                               "mix is subsampled, a smaller one repeated, in a seeded order. Gives methods with "
                               "different kept shares the same optimizer steps (a fair-compute control)",
@@ -164,7 +165,10 @@ class ReviewConfig:
                                "a twin of pi_{t-1} whose whole training chain left that fold out, refit each "
                                "iteration. frozen: the "
                                "iteration-1 policies (the fold twins with --sera.crossfit_folds, else the first-pass "
-                               "pi_1) every iteration", choices=("current", "crossfit", "frozen"))
+                               "pi_1) every iteration. prequential: no scoring pass; each pair's implicit reward "
+                               "margin in the iteration-1 training step that first trained on it, under a policy that "
+                               "had not seen it yet (out of sample and free), every iteration",
+                               choices=("current", "crossfit", "frozen", "prequential"))
 
 
 @dataclass
@@ -303,9 +307,12 @@ class SeraConfig:
         refit, folds = self.review.review_refit, self.review.crossfit_folds
         if refit == "crossfit" and folds < 2:
             raise ConfigError("--sera.review_refit crossfit needs --sera.crossfit_folds K >= 2")
-        if refit == "current" and folds:
+        if refit in ("current", "prequential") and folds:
             raise ConfigError(f"--sera.crossfit_folds {folds} needs --sera.review_refit crossfit (fold twins refit "
                               "each iteration) or frozen (the iteration-1 fold twins)")
+        if refit == "prequential" and self.loop.skip_first_training:
+            raise ConfigError("--sera.review_refit prequential reads iteration 1's training forwards, which "
+                              "--sera.skip_first_training skips")
         if refit == "frozen" and not folds and self.loop.skip_first_training:
             raise ConfigError("--sera.review_refit frozen without --sera.crossfit_folds scores with the first-pass "
                               "policy, which --sera.skip_first_training skips")

@@ -77,6 +77,10 @@ class RunDir:
             return self.fold_start(t, k)
         return self.initial_reference
 
+    def train_margins(self, t: int) -> str:
+        """Every pair's implicit rewards in the training forwards of π_t (--sera.review_refit prequential)."""
+        return os.path.join(self.policy(t), "train_margins.jsonl")
+
     def review(self, t: int) -> str:
         return os.path.join(self.iteration(t), "review.jsonl")
 

@@ -251,3 +251,48 @@ def test_review_per_token_divides_each_reward_by_its_length(tmp_path):
         ctx.backend = LengthBackend([5.0, 1.0])
         review.run(ctx, 2)
         assert [r["irm"] for r in read_jsonl(ctx.layout.review(2))] == expected
+
+
+def test_prequential_review_reads_each_pairs_first_training_forward_and_scores_nothing(tmp_path):
+    """--sera.review_refit prequential: the IRM of a pair is its margin in the first iteration-1 forward that
+    trained on it (a copy o1#2 trained before o1 counts for o1; later epochs do not), no policy is loaded, the
+    review counts as out of sample, never converges, and a pair without a forward is an error naming the file."""
+    from sera_openrlhf.errors import ConfigError
+    from sera_openrlhf.phases import review
+    from sera_openrlhf.sources import DataSpec
+
+    class NoScoring(Backend):
+        def pair_rewards(self, *a):
+            raise AssertionError("the prequential review must not score")
+
+    spec = DataSpec("d", None, 0, "prompt", "chosen", "rejected", None, "train", False, False, None, "--data.dataset")
+    ctx = context(tmp_path, review_refit="prequential", keep_ratio=0.5, iterations=3)
+    ctx.rows, ctx.data, ctx.backend = [{"id": f"o{i}", "prompt": "p", "chosen": "x", "rejected": "y"}
+                                       for i in range(4)], spec, NoScoring()
+
+    def forward(i, epoch, step, rc, rr=0.0):
+        return {"id": i, "epoch": epoch, "micro_step": step, "chosen_reward": rc, "rejected_reward": rr,
+                "chosen_len": 2, "rejected_len": 3}
+
+    write_jsonl(ctx.layout.train_margins(1), [
+        forward("o0", 0, 1, 0.0), forward("o1#2", 0, 1, -0.5), forward("o2", 0, 2, 0.3, 0.1), forward("o1", 0, 2, 9.0),
+        forward("o3", 0, 3, 0.4), forward("o0", 1, 4, 5.0), forward("o2", 1, 4, -7.0)])
+    stats = review.run(ctx, 2)
+    rows = {r["id"]: r for r in read_jsonl(ctx.layout.review(2))}
+    assert {i: round(r["irm"], 9) for i, r in rows.items()} == {"o0": 0.0, "o1": -0.5, "o2": 0.2, "o3": 0.4}
+    assert sorted(i for i, r in rows.items() if r["kept"]) == ["o2", "o3"]
+    assert rows["o2"]["chosen_len"] == 2 and rows["o2"]["rejected_len"] == 3
+    assert stats["calibration"]["out_of_fold"] is True and stats["signal"]["out_of_fold"] is True
+    review.run(ctx, 3)  # the same review every iteration
+    assert [r["irm"] for r in read_jsonl(ctx.layout.review(3))] == [r["irm"] for r in rows.values()]
+    ctx.state.mark("iter2/review", {"mean_irm_kept": 0.3, "jaccard_previous": 1.0}, 2, seconds=0.0)
+    assert not review.converged(ctx, 4)
+    write_jsonl(ctx.layout.train_margins(1), [forward("o0", 0, 1, 0.0), forward("o1", 0, 1, 0.0)])
+    with pytest.raises(ConfigError, match=r"2 of 4 offline pairs .*'o2'.*train_margins.jsonl"):
+        review.run(ctx, 2)
+    os.remove(ctx.layout.train_margins(1))
+    with pytest.raises(ConfigError, match="train_margins.jsonl is missing"):
+        review.run(ctx, 2)
+    with pytest.raises(ConfigError, match="skip_first_training"):
+        SeraConfig.from_namespace({**defaults(), "enable": True, "review_refit": "prequential",
+                                   "skip_first_training": True})

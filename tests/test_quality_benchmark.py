@@ -388,3 +388,49 @@ def test_review_signal_ablation_through_the_product(tiny_model, tmp_path):
     assert set(res3["variants"]) == {f"{v}|{p}" for v in ("in-sample π1", "out-of-fold π1 twins") for p in (0, 1)}
     assert {r["fold"] for r in map(json.loads, (out / "seed_0" / "review_signal_k3_t2" / "iter_2" /
                                                 "review.jsonl").read_text().splitlines())} == {0, 1, 2}
+
+
+def test_training_margins_review_variants_by_hand(tmp_path, capsys):
+    """training_margins.py: the first forward of each pair is the prequential review (a copy `<id>#2` counts for
+    its pair), later epochs and their mean are the in-sample / AUM variants, the fold runs each cover their half;
+    a run that misses a pair is an error naming it."""
+    import json
+
+    tm = _load("training_margins")
+    assert tm.local_rank([0.0, 1.0, 2.0, 3.0], window=2) == [0.0, 1.0, 1.0, 1.0]
+    assert tm.local_rank([3.0, 2.0, 1.0], window=3) == [1.0, 0.5, 0.0]
+    seed_dir = tmp_path / "seed_0"
+    n, flips = 40, set(range(0, 40, 4))
+    (seed_dir).mkdir()
+    (seed_dir / "pairs.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "flipped": i in flips}) + "\n"
+                                                  for i in range(n)))
+
+    def write(run, rows):
+        d = seed_dir / run / "iter_1" / "policy"
+        d.mkdir(parents=True)
+        (d / "train_margins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def fwd(i, epoch, step, margin, copy=""):
+        return {"id": f"p{i}{copy}", "epoch": epoch, "micro_step": step, "chosen_reward": margin,
+                "rejected_reward": 0.0, "chosen_len": 1, "rejected_len": 1}
+
+    # epoch 1: flipped pairs below every right one (AUROC 1); epoch 2: memorised, flipped pairs on top (AUROC 0)
+    rows = [fwd(i, 0, i + 1, (-1.0 if i in flips else 1.0) * (1 + i / n)) for i in range(n)]
+    rows += [fwd(i, 1, n + i + 1, (5.0 if i in flips else 2.0)) for i in range(n)]
+    rows.insert(0, fwd(3, 0, 0, -9.0, copy="#2"))  # p3's first forward is its copy's (a right label scored low)
+    write("dpo", rows)
+    write("fold0", [fwd(i, 0, i, (-1.0 if i in flips else 1.0)) for i in range(0, n, 2)])
+    write("fold1", [fwd(i, 0, i, (-1.0 if i in flips else 1.0)) for i in range(1, n, 2)])
+    res = tm.seed_table(str(seed_dir), 0)["rows"]
+    pre = res["offline DPO, 3 epochs: prequential"]["auroc"]
+    assert pre == pytest.approx(1 - 10 / (30 * 10))  # one right label (p3) ranked below all 10 flips
+    assert res["offline DPO, 3 epochs: epoch 2"]["auroc"] == 0.0
+    assert res["offline DPO, 3 epochs: mean over epochs"]["auroc"] < pre
+    assert res["fold twins, 3 epochs on one half each: prequential"]["auroc"] == 1.0
+    assert "SeRA iteration 1: prequential" not in res  # no sera run here
+    tm.main(["--seeds", "0", "--out", str(tmp_path)])
+    assert "| fold twins, 3 epochs on one half each: prequential | 1.000" in capsys.readouterr().out
+    (seed_dir / "fold1" / "iter_1" / "policy" / "train_margins.jsonl").write_text(
+        json.dumps(fwd(1, 0, 0, 1.0)) + "\n")
+    with pytest.raises(SystemExit, match="fold covers 21 of 40 pairs"):
+        tm.seed_table(str(seed_dir), 0)

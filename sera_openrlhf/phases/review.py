@@ -2,17 +2,21 @@
 
 Which policies score the pairs is --sera.review_refit: `current` π_{t-1} (in-sample); `crossfit` fold k by π_{t-1}'s
 twin trained without fold k; `frozen` the iteration-1 policies (fold twins of π_1, else π_1 itself), so the
-review is the same every iteration. Writes review.jsonl (every pair) and kept.jsonl (the kept pairs).
+review is the same every iteration; `prequential` no scoring pass at all: each pair's implicit rewards in the
+forward of iteration 1 that first trained on it, when the policy had not seen it yet (train_margins.jsonl).
+Writes review.jsonl (every pair) and kept.jsonl (the kept pairs).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
 
 from sera_openrlhf.calibration import flip_mixture, prior_only
 from sera_openrlhf.data import PairRecord, write_pairs
+from sera_openrlhf.errors import ConfigError
 from sera_openrlhf.fileio import read_jsonl
 from sera_openrlhf.phases import RunContext
 from sera_openrlhf.selection import (SelectionConfig, SelectionResult, apply_selector, assign_folds, review_signal,
@@ -34,8 +38,37 @@ def scoring_iteration(ctx: RunContext, t: int) -> int:
     return 1 if ctx.cfg.review.review_refit == "frozen" else t - 1
 
 
+def out_of_sample(ctx: RunContext) -> bool:
+    return ctx.cfg.review.crossfit_folds >= 2 or ctx.cfg.review.review_refit == "prequential"
+
+
+def prequential(ctx: RunContext) -> dict:
+    """The pair-rewards table of `score` from iteration 1's training forwards: each offline pair's first one
+    (a copy `<id>#<n>` counts for its pair), scored by the policy just before it trained on the pair."""
+    path = ctx.layout.train_margins(1)
+    if not os.path.exists(path):
+        raise ConfigError(f"--sera.review_refit prequential: {path} is missing (it is written by iteration 1's "
+                          "training, since this version); rerun iteration 1 or use --sera.review_refit crossfit")
+    ids = [str(r["id"]) for r in ctx.rows]
+    known, first = set(ids), {}
+    for m in read_jsonl(path):  # in training order
+        first.setdefault(m["id"] if m["id"] in known else m["id"].rsplit("#", 1)[0], m)
+    missing = [i for i in ids if i not in first]
+    if missing:
+        raise ConfigError(
+            f"--sera.review_refit prequential: {len(missing)} of {len(ids)} offline pairs (e.g. {missing[0]!r}) "
+            f"have no training forward in {path}: iteration 1 did not train on every pair (--sera.train_pairs "
+            "below the data size, or a phase resumed from a DeepSpeed checkpoint mid-way). Use "
+            "--sera.review_refit crossfit, or rerun iteration 1 on every pair")
+    rows = [first[i] for i in ids]
+    return {"ids": ids, "too_long": [],
+            **{k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in SCORE_COLUMNS}}
+
+
 def score(ctx: RunContext, t: int):
     """Implicit rewards of every offline pair, and the fold of each id (empty without cross-fitting)."""
+    if ctx.cfg.review.review_refit == "prequential":
+        return prequential(ctx), {}
     n_folds, s = ctx.cfg.review.crossfit_folds, scoring_iteration(ctx, t)
     if n_folds >= 2:
         parts = [ctx.backend.pair_rewards(ctx.layout.fold_policy(s, k), ctx.layout.fold_reference(s, k),
@@ -110,14 +143,15 @@ def run(ctx: RunContext, t: int) -> dict:
     ids = scores["ids"]
     raw, prev, irm, window = margins(ctx, t, scores)
     table = {"id": ids, "irm": irm, **{k: scores[k] for k in SCORE_COLUMNS}, "irm_prev": prev}
-    signal, selector, config = check_signal(ctx, t, irm, bool(fold_of), SelectionConfig.from_review(ctx.cfg.review))
+    signal, selector, config = check_signal(ctx, t, irm, out_of_sample(ctx),
+                                            SelectionConfig.from_review(ctx.cfg.review))
     # the gold-free fit, in every mode: its flip-rate and AUROC estimates are reported and drive the adaptive share
     cal = (flip_mixture(irm, ctx.flip_prior) if signal["action"] == "select" else
            prior_only(len(ids), ctx.flip_prior, "the out-of-fold agreement test failed"))
     confidence = None
     if config.mode == "soft":  # every pair stays; its label confidence goes to the loss
         confidence = cal.confidence.tolist()
-        if not fold_of and cal.fallback is None:
+        if not out_of_sample(ctx) and cal.fallback is None:
             # measured (docs/results.md): chance-level in-sample margins fit as an AUROC ~0.9 review
             ctx.backend.print(
                 f"[sera] warning: iteration {t}: soft review calibrated on in-sample margins (estimated flip AUROC "
@@ -129,7 +163,7 @@ def run(ctx: RunContext, t: int) -> dict:
         result = apply_selector(selector, table, config)
     stats = selection_stats(table, result, previous_kept_ids=kept_ids(ctx, t - 1) if t >= 3 else None)
     stats["signal"] = signal
-    stats["calibration"] = {**cal.stats(), "out_of_fold": bool(fold_of), "reviews_averaged": window,
+    stats["calibration"] = {**cal.stats(), "out_of_fold": out_of_sample(ctx), "reviews_averaged": window,
                             "previous_review_correlation": correlation(raw, prev[-1]) if prev else None}
     stats["n_prompt_too_long"] = len(scores["too_long"])
     ctx.write_rows(ctx.layout.review(t), [
@@ -162,6 +196,6 @@ def stable(ctx: RunContext, t: int) -> bool:
 
 
 def converged(ctx: RunContext, t: int) -> bool:
-    """Stable in two consecutive reviews (t-1 and t). Never with a frozen review: it cannot change, so its
-    stability says nothing about the policy."""
-    return ctx.cfg.review.review_refit != "frozen" and stable(ctx, t - 1) and stable(ctx, t)
+    """Stable in two consecutive reviews (t-1 and t). Never with a frozen or prequential review: it cannot
+    change, so its stability says nothing about the policy."""
+    return ctx.cfg.review.review_refit not in ("frozen", "prequential") and stable(ctx, t - 1) and stable(ctx, t)
