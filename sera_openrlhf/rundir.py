@@ -4,7 +4,7 @@
       sera_state.json             config, finished phases, per-iteration statistics (state.py)
       .lock                       held while a run is active (state.py)
       cache/                      reference log-probs (refcache.py; --sera.cache_dir moves it)
-      iter_<t>/policy/            HF checkpoint of π_t (+ train_log.jsonl)
+      iter_<t>/policy/            HF checkpoint of π_t (+ train_log.jsonl, train_margins.jsonl)
       iter_<t>/fold_<k>/policy/   π_t's twin trained without offline fold k (--sera.review_refit crossfit/frozen)
       iter_<t>/review.jsonl       per offline pair: id, IRM, implicit rewards, lengths, fold, kept, weight
       iter_<t>/kept.jsonl         the kept offline pairs in the input's keys (stock OpenRLHF can train on it)
