@@ -186,18 +186,20 @@ def test_the_robust_review_and_judge_flags_run_together_through_the_cli(tiny_mod
 @pytest.mark.slow
 def test_prequential_review_through_the_cli(tiny_model, tiny_data, tmp_path):
     """--sera.review_refit prequential: review 2 ranks every pair by its margin in the iteration-1 training forward
-    that first trained on it (read from train_margins.jsonl), with no scoring pass, and counts as out of sample."""
+    that first trained on it (read from train_margins.jsonl); the pairs iteration 1 left out (--sera.train_pairs 60
+    of 64) are scored by π_1; the review counts as out of sample."""
     run_dir = tmp_path / "run"
     run_cli(loop_flags(tiny_model, tiny_data, run_dir, 2, "--sera.review_refit", "prequential",
-                       "--sera.generated_share_max", "0", "--sera.keep_ratio", "0.5"))
+                       "--sera.generated_share_max", "0", "--sera.keep_ratio", "0.5", "--sera.train_pairs", "60"))
     first = {}
     for m in read_jsonl(run_dir / "iter_1" / "policy" / "train_margins.jsonl"):
         first.setdefault(m["id"], m["chosen_reward"] - m["rejected_reward"])
     review = read_jsonl(run_dir / "iter_2" / "review.jsonl")
-    assert len(review) == len(first) == 64
-    assert all(r["irm"] == pytest.approx(first[r["id"]], abs=1e-9) for r in review)
+    assert len(review) == 64 and len(first) == 60  # iteration 1 trained 60 of the 64
+    assert all(r["irm"] == pytest.approx(first[r["id"]], abs=1e-9) for r in review if r["id"] in first)
     kept = sorted((r for r in review), key=lambda r: -r["irm"])[:32]
     assert {r["id"] for r in review if r["kept"]} == {r["id"] for r in kept}
     state = json.loads((run_dir / "sera_state.json").read_text())
-    assert state["iterations"]["2"]["review"]["calibration"]["out_of_fold"] is True
-    assert state["iterations"]["2"]["review"]["scored_per_rank"] is None  # no forward pass (a scoring review counts)
+    stats = state["iterations"]["2"]["review"]
+    assert stats["calibration"]["out_of_fold"] is True and stats["n_prequential_unseen"] == 4
+    assert sum(stats["scored_per_rank"]) == 2 * 2 * 4  # the 4 unseen pairs only: π_1 and the reference, 2 sides

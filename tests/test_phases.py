@@ -255,20 +255,23 @@ def test_review_per_token_divides_each_reward_by_its_length(tmp_path):
 
 def test_prequential_review_reads_each_pairs_first_training_forward_and_scores_nothing(tmp_path):
     """--sera.review_refit prequential: the IRM of a pair is its margin in the first iteration-1 forward that
-    trained on it (a copy o1#2 trained before o1 counts for o1; later epochs do not), no policy is loaded, the
-    review counts as out of sample, never converges, and a pair without a forward is an error naming the file."""
+    trained on it (a copy o1#2 trained before o1 counts for o1; later epochs do not), no policy scores the pairs
+    that trained, the review counts as out of sample and never converges; pairs iteration 1 never trained on are
+    scored by π_1; a missing file or a mid-phase resume is an error naming the file."""
     from sera_openrlhf.errors import ConfigError
     from sera_openrlhf.phases import review
     from sera_openrlhf.sources import DataSpec
 
-    class NoScoring(Backend):
-        def pair_rewards(self, *a):
-            raise AssertionError("the prequential review must not score")
+    class NoScoring(ReviewBackend):
+        def pair_rewards(self, policy, reference, rows):
+            assert policy == ctx.layout.policy(1) and reference == ctx.layout.reference(1)
+            self.scored = [r["id"] for r in rows]
+            return super().pair_rewards(policy, reference, rows)
 
     spec = DataSpec("d", None, 0, "prompt", "chosen", "rejected", None, "train", False, False, None, "--data.dataset")
     ctx = context(tmp_path, review_refit="prequential", keep_ratio=0.5, iterations=3)
     ctx.rows, ctx.data, ctx.backend = [{"id": f"o{i}", "prompt": "p", "chosen": "x", "rejected": "y"}
-                                       for i in range(4)], spec, NoScoring()
+                                       for i in range(4)], spec, NoScoring([])
 
     def forward(i, epoch, step, rc, rr=0.0):
         return {"id": i, "epoch": epoch, "micro_step": step, "chosen_reward": rc, "rejected_reward": rr,
@@ -283,12 +286,18 @@ def test_prequential_review_reads_each_pairs_first_training_forward_and_scores_n
     assert sorted(i for i, r in rows.items() if r["kept"]) == ["o2", "o3"]
     assert rows["o2"]["chosen_len"] == 2 and rows["o2"]["rejected_len"] == 3
     assert stats["calibration"]["out_of_fold"] is True and stats["signal"]["out_of_fold"] is True
+    assert not hasattr(ctx.backend, "scored") and stats["n_prequential_unseen"] == 0
     review.run(ctx, 3)  # the same review every iteration
     assert [r["irm"] for r in read_jsonl(ctx.layout.review(3))] == [r["irm"] for r in rows.values()]
     ctx.state.mark("iter2/review", {"mean_irm_kept": 0.3, "jaccard_previous": 1.0}, 2, seconds=0.0)
     assert not review.converged(ctx, 4)
-    write_jsonl(ctx.layout.train_margins(1), [forward("o0", 0, 1, 0.0), forward("o1", 0, 1, 0.0)])
-    with pytest.raises(ConfigError, match=r"2 of 4 offline pairs .*'o2'.*train_margins.jsonl"):
+    write_jsonl(ctx.layout.train_margins(1), [forward("o0", 0, 1, 0.0), forward("o1", 0, 1, -0.1)])
+    ctx.backend = NoScoring([7.0, -3.0])  # o2, o3: dropped with the last incomplete micro-batch
+    stats = review.run(ctx, 2)
+    assert ctx.backend.scored == ["o2", "o3"] and stats["n_prequential_unseen"] == 2
+    assert [r["irm"] for r in read_jsonl(ctx.layout.review(2))] == pytest.approx([0.0, -0.1, 7.0, -3.0])
+    ctx.state.mark("iter1/train", {"resumed_from_samples": 16}, 1, seconds=0.0)
+    with pytest.raises(ConfigError, match="resumed from a DeepSpeed checkpoint.*train_margins.jsonl"):
         review.run(ctx, 2)
     os.remove(ctx.layout.train_margins(1))
     with pytest.raises(ConfigError, match="train_margins.jsonl is missing"):

@@ -432,5 +432,5 @@ def test_training_margins_review_variants_by_hand(tmp_path, capsys):
     assert "| fold twins, 3 epochs on one half each: prequential | 1.000" in capsys.readouterr().out
     (seed_dir / "fold1" / "iter_1" / "policy" / "train_margins.jsonl").write_text(
         json.dumps(fwd(1, 0, 0, 1.0)) + "\n")
-    with pytest.raises(SystemExit, match="fold covers 21 of 40 pairs"):
+    with pytest.raises(SystemExit, match="fold twins, 3 epochs on one half each: prequential covers 21 of 40 pairs"):
         tm.seed_table(str(seed_dir), 0)

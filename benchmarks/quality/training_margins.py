@@ -23,6 +23,7 @@ product's gold-free estimate, and the label information of hard and soft weights
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -85,18 +86,23 @@ def run_variants(seed_dir, name):
 
 
 def seed_table(seed_dir, seed):
+    """Every variant on the pairs training saw (a pair whose prompt is over --data.max_len never trains; every
+    run drops the same ones), the out-of-fold reference on the same pairs."""
     pairs = R.read_jsonl(os.path.join(seed_dir, "pairs.jsonl"))
-    flipped = [bool(r["flipped"]) for r in pairs]
-    rows = {}
-    for name in RUNS:
-        for variant, score in run_variants(seed_dir, name).items():
-            if len(score) != len(pairs):
-                raise SystemExit(f"training_margins: {name} covers {len(score)} of {len(pairs)} pairs in {seed_dir}")
-            rows[f"{RUNS[name]}: {variant}"] = measure([score[r["id"]] for r in pairs], flipped, seed)
-    if os.path.exists(os.path.join(seed_dir, "measure_cache.json")):
-        irm, fl = oof_irm(seed_dir)  # the validity check's folds: pair i is in fold i % 2
-        rows["reference: out of fold (final fold twins)"] = measure(irm.tolist(), fl.tolist(), seed)
-    return {"n_pairs": len(pairs), "n_flipped": sum(flipped), "rows": rows}
+    scores = {f"{RUNS[name]}: {variant}": score for name in RUNS
+              for variant, score in run_variants(seed_dir, name).items()}
+    cache = os.path.join(seed_dir, "measure_cache.json")
+    if os.path.exists(cache) and "fold1_policy" in json.load(open(cache)):
+        irm, _ = oof_irm(seed_dir)  # the validity check's folds: pair i is in fold i % 2
+        order = [r["id"] for i, r in enumerate(pairs) if i % 2 == 0] + [r["id"] for i, r in enumerate(pairs) if i % 2]
+        scores["reference: out of fold (final fold twins)"] = dict(zip(order, irm.tolist()))
+    common = [r for r in pairs if all(r["id"] in s for s in scores.values())]
+    if scores and len(common) < 0.95 * len(pairs):
+        worst = min(scores, key=lambda k: len(scores[k]))
+        raise SystemExit(f"training_margins: {worst} covers {len(scores[worst])} of {len(pairs)} pairs in {seed_dir}")
+    flipped = [bool(r["flipped"]) for r in common]
+    rows = {name: measure([s[r["id"]] for r in common], flipped, seed) for name, s in scores.items()}
+    return {"n_pairs": len(common), "n_all_pairs": len(pairs), "n_flipped": sum(flipped), "rows": rows}
 
 
 def report(out, per_seed):

@@ -44,24 +44,28 @@ def out_of_sample(ctx: RunContext) -> bool:
 
 def prequential(ctx: RunContext) -> dict:
     """The pair-rewards table of `score` from iteration 1's training forwards: each offline pair's first one
-    (a copy `<id>#<n>` counts for its pair), scored by the policy just before it trained on the pair."""
+    (a copy `<id>#<n>` counts for its pair), scored by the policy just before it trained on the pair. A pair
+    iteration 1 never trained on (the sampler drops the last incomplete micro-batch; --sera.train_pairs below
+    the data size) is scored by π_1, which has not seen it either."""
     path = ctx.layout.train_margins(1)
     if not os.path.exists(path):
         raise ConfigError(f"--sera.review_refit prequential: {path} is missing (it is written by iteration 1's "
                           "training, since this version); rerun iteration 1 or use --sera.review_refit crossfit")
+    if (ctx.state.stats(1).get("train") or {}).get("resumed_from_samples"):
+        raise ConfigError(f"--sera.review_refit prequential: iteration 1 resumed from a DeepSpeed checkpoint mid-way, "
+                          f"so {path} lacks the forwards before it; rerun iteration 1 without --ckpt.load_enable "
+                          "or use --sera.review_refit crossfit")
     ids = [str(r["id"]) for r in ctx.rows]
     known, first = set(ids), {}
     for m in read_jsonl(path):  # in training order
         first.setdefault(m["id"] if m["id"] in known else m["id"].rsplit("#", 1)[0], m)
-    missing = [i for i in ids if i not in first]
-    if missing:
-        raise ConfigError(
-            f"--sera.review_refit prequential: {len(missing)} of {len(ids)} offline pairs (e.g. {missing[0]!r}) "
-            f"have no training forward in {path}: iteration 1 did not train on every pair (--sera.train_pairs "
-            "below the data size, or a phase resumed from a DeepSpeed checkpoint mid-way). Use "
-            "--sera.review_refit crossfit, or rerun iteration 1 on every pair")
+    unseen = [r for r in ctx.rows if str(r["id"]) not in first]
+    if unseen:
+        scored = ctx.backend.pair_rewards(ctx.layout.policy(1), ctx.layout.reference(1), unseen)
+        for n, i in enumerate(scored["ids"]):
+            first[i] = {k: scored[k][n] for k in SCORE_COLUMNS}
     rows = [first[i] for i in ids]
-    return {"ids": ids, "too_long": [],
+    return {"ids": ids, "too_long": [], "n_unseen": len(unseen),
             **{k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in SCORE_COLUMNS}}
 
 
@@ -166,6 +170,8 @@ def run(ctx: RunContext, t: int) -> dict:
     stats["calibration"] = {**cal.stats(), "out_of_fold": out_of_sample(ctx), "reviews_averaged": window,
                             "previous_review_correlation": correlation(raw, prev[-1]) if prev else None}
     stats["n_prompt_too_long"] = len(scores["too_long"])
+    if "n_unseen" in scores:  # prequential: pairs iteration 1 never trained on, scored by π_1
+        stats["n_prequential_unseen"] = scores["n_unseen"]
     ctx.write_rows(ctx.layout.review(t), [
         {"id": i, "irm": float(raw[n]), **({"irm_averaged": float(irm[n])} if window > 1 else {}),
          "chosen_reward": float(scores["chosen_reward"][n]),
