@@ -429,7 +429,7 @@ def test_training_margins_review_variants_by_hand(tmp_path, capsys):
     assert res["fold twins, 3 epochs on one half each: prequential"]["auroc"] == 1.0
     assert "SeRA iteration 1: prequential" not in res  # no sera run here
     tm.main(["--seeds", "0", "--out", str(tmp_path)])
-    assert "| fold twins, 3 epochs on one half each: prequential | 1.000" in capsys.readouterr().out
+    assert "| fold twins, 3 epochs on one half each: prequential | 40 | 1.000" in capsys.readouterr().out
     (seed_dir / "fold1" / "iter_1" / "policy" / "train_margins.jsonl").write_text(
         json.dumps(fwd(1, 0, 0, 1.0)) + "\n")
     with pytest.raises(SystemExit, match="fold twins, 3 epochs on one half each: prequential covers 21 of 40 pairs"):

@@ -86,8 +86,8 @@ def run_variants(seed_dir, name):
 
 
 def seed_table(seed_dir, seed):
-    """Every variant on the pairs training saw (a pair whose prompt is over --data.max_len never trains; every
-    run drops the same ones), the out-of-fold reference on the same pairs."""
+    """Every variant on the pairs it covers: a pair whose prompt is over --data.max_len never trains, and each
+    epoch's sampler drops the last incomplete micro-batch (a different few pairs each time)."""
     pairs = R.read_jsonl(os.path.join(seed_dir, "pairs.jsonl"))
     scores = {f"{RUNS[name]}: {variant}": score for name in RUNS
               for variant, score in run_variants(seed_dir, name).items()}
@@ -96,31 +96,32 @@ def seed_table(seed_dir, seed):
         irm, _ = oof_irm(seed_dir)  # the validity check's folds: pair i is in fold i % 2
         order = [r["id"] for i, r in enumerate(pairs) if i % 2 == 0] + [r["id"] for i, r in enumerate(pairs) if i % 2]
         scores["reference: out of fold (final fold twins)"] = dict(zip(order, irm.tolist()))
-    common = [r for r in pairs if all(r["id"] in s for s in scores.values())]
-    if scores and len(common) < 0.9 * len(pairs):
-        worst = min(scores, key=lambda k: len(scores[k]))
-        raise SystemExit(f"training_margins: {worst} covers {len(scores[worst])} of {len(pairs)} pairs in {seed_dir}")
-    flipped = [bool(r["flipped"]) for r in common]
-    rows = {name: measure([s[r["id"]] for r in common], flipped, seed) for name, s in scores.items()}
-    return {"n_pairs": len(common), "n_all_pairs": len(pairs), "n_flipped": sum(flipped), "rows": rows}
+    rows = {}
+    for name, score in scores.items():
+        covered = [r for r in pairs if r["id"] in score]
+        if len(covered) < 0.9 * len(pairs):
+            raise SystemExit(f"training_margins: {name} covers {len(covered)} of {len(pairs)} pairs in {seed_dir}")
+        rows[name] = {**measure([score[r["id"]] for r in covered], [bool(r["flipped"]) for r in covered], seed),
+                      "n": len(covered)}
+    return {"n_pairs": len(pairs), "n_flipped": sum(bool(r["flipped"]) for r in pairs), "rows": rows}
 
 
 def report(out, per_seed):
     seeds = sorted(per_seed)
     names = [n for n in per_seed[seeds[0]]["rows"] if all(n in per_seed[s]["rows"] for s in seeds)]
     lines = [f"Seeds {', '.join(map(str, seeds))}; {', '.join(str(per_seed[s]['n_pairs']) for s in seeds)} pairs, "
-             "30 % flipped. AUROC of −margin against the gold flip flags (mean over seeds [95 % t-interval]; per "
+             "30 % flipped (a row covers the pairs its run trained on: n, per seed). AUROC of −margin against the gold flip flags (mean over seeds [95 % t-interval]; per "
              "seed with its bootstrap interval); gold-free = the product's mixture-fit estimate; information "
              "relative to uniform weights (DPO = 1.00x), mean over seeds.", "",
-             "| review | AUROC | per seed | gold-free estimate | hard top 70 % | soft (gated) | soft (no gate) | "
-             "gold ceiling |", "|---|---|---|---|---|---|---|---|"]
+             "| review | n | AUROC | per seed | gold-free estimate | hard top 70 % | soft (gated) | soft (no gate) | "
+             "gold ceiling |", "|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         ms = [per_seed[s]["rows"][n] for s in seeds]
         a, lo, hi = M.mean_ci([m["auroc"] for m in ms])
         ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
         each = ", ".join(f"{m['auroc']:.3f} [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}]" for m in ms)
         avg = lambda k: sum(m[k] for m in ms) / len(ms)  # noqa: E731
-        lines.append(f"| {n} | {a:.3f}{ci} | {each} | {avg('est_auroc'):.3f} | {avg('hard_top70'):.2f}x | "
+        lines.append(f"| {n} | {', '.join(str(m['n']) for m in ms)} | {a:.3f}{ci} | {each} | {avg('est_auroc'):.3f} | {avg('hard_top70'):.2f}x | "
                      f"{avg('soft'):.2f}x ({sum(m['gated'] for m in ms)}/{len(ms)} fit used) | "
                      f"{avg('soft_ungated'):.2f}x | {avg('ceiling'):.2f}x |")
     text = "\n".join(lines) + "\n"
