@@ -434,3 +434,29 @@ def test_training_margins_review_variants_by_hand(tmp_path, capsys):
         json.dumps(fwd(1, 0, 0, 1.0)) + "\n")
     with pytest.raises(SystemExit, match="fold twins, 3 epochs on one half each: prequential covers 21 of 40 pairs"):
         tm.seed_table(str(seed_dir), 0)
+
+
+def test_pooled_seeds_by_hand(tmp_path, capsys):
+    """pooled_seeds.py: per-seed paired differences from the cached evaluations, pooled as their mean with the
+    per-seed intervals combined (seed 0's reported numbers left out with --no-seed0)."""
+    import json
+    import math
+
+    M = _load("metrics")
+    ps = _load("pooled_seeds")
+    gen = __import__("random").Random(0)
+    evals = {}
+    for seed, shift in ((1, 0.1), (2, -0.05)):
+        dpo = [gen.random() for _ in range(50)]
+        evals[seed] = {"dpo": dpo, "sera": [g + shift + 0.1 * gen.random() for g in dpo]}
+        (tmp_path / f"seed_{seed}").mkdir()
+        (tmp_path / f"seed_{seed}" / "measure_cache.json").write_text(json.dumps(
+            {f"eval_{m}": {"guarded": g, "degenerate": [False] * 50} for m, g in evals[seed].items()}))
+    ps.main(["--out", str(tmp_path), "--seeds", "1", "2", "--no-seed0"])
+    out = capsys.readouterr().out
+    ds = [M.paired_difference(evals[s]["sera"], evals[s]["dpo"], seed=s) for s in (1, 2)]
+    mean = (ds[0]["diff"] + ds[1]["diff"]) / 2
+    half = 1.96 * math.sqrt(sum(((d["hi"] - d["lo"]) / 3.92) ** 2 for d in ds)) / 2
+    line = next(x for x in out.splitlines() if x.startswith("| full SeRA (defaults) − offline DPO |"))
+    assert line.endswith(f"| {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (2 seeds) |")
+    assert f"| {ds[0]['diff']:+.3f} [{ds[0]['lo']:+.3f}, {ds[0]['hi']:+.3f}] |" in line and "| – |" in line
