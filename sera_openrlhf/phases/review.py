@@ -147,15 +147,15 @@ def run(ctx: RunContext, t: int) -> dict:
     ids = scores["ids"]
     raw, prev, irm, window = margins(ctx, t, scores)
     table = {"id": ids, "irm": irm, **{k: scores[k] for k in SCORE_COLUMNS}, "irm_prev": prev}
-    signal, selector, config = check_signal(ctx, t, irm, out_of_sample(ctx),
-                                            SelectionConfig.from_review(ctx.cfg.review))
+    oos = out_of_sample(ctx)
+    signal, selector, config = check_signal(ctx, t, irm, oos, SelectionConfig.from_review(ctx.cfg.review))
     # the gold-free fit, in every mode: its flip-rate and AUROC estimates are reported and drive the adaptive share
     cal = (flip_mixture(irm, ctx.flip_prior) if signal["action"] == "select" else
            prior_only(len(ids), ctx.flip_prior, "the out-of-fold agreement test failed"))
     confidence = None
     if config.mode == "soft":  # every pair stays; its label confidence goes to the loss
         confidence = cal.confidence.tolist()
-        if not out_of_sample(ctx) and cal.fallback is None:
+        if not oos and cal.fallback is None:
             # measured (docs/results.md): chance-level in-sample margins fit as an AUROC ~0.9 review
             ctx.backend.print(
                 f"[sera] warning: iteration {t}: soft review calibrated on in-sample margins (estimated flip AUROC "
@@ -167,7 +167,7 @@ def run(ctx: RunContext, t: int) -> dict:
         result = apply_selector(selector, table, config)
     stats = selection_stats(table, result, previous_kept_ids=kept_ids(ctx, t - 1) if t >= 3 else None)
     stats["signal"] = signal
-    stats["calibration"] = {**cal.stats(), "out_of_fold": out_of_sample(ctx), "reviews_averaged": window,
+    stats["calibration"] = {**cal.stats(), "out_of_fold": oos, "reviews_averaged": window,
                             "previous_review_correlation": correlation(raw, prev[-1]) if prev else None}
     stats["n_prompt_too_long"] = len(scores["too_long"])
     if "n_unseen" in scores:  # prequential: pairs iteration 1 never trained on, scored by π_1
