@@ -303,6 +303,32 @@ def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
     assert "| 2 | 24 | 4 |" in text and "no signal |" in text and (out / "sweep.png").exists()
 
 
+def test_smollm2_flip_share_makes_a_no_signal_set_and_guards_the_cache(tmp_path):
+    """--flip-share 0.5 with --spurious metrics:no_spurious (the shuffled-label arm): exactly half the labels are
+    flipped, nothing else overrides gold, so the labels carry no signal; the set records its share, and a cached
+    set is refused under another share instead of being reused silently."""
+    import json
+
+    sm = _load("smollm2")
+    seed_dir = tmp_path / "seed_0"
+    seed_dir.mkdir()
+    # cached samples (no model runs): gold = count("+") - count("-") always separates the best from the worst
+    rows = [{"prompt": f"p{k}", "texts": ["+" * (k % 4 + 1), "-" * (k % 3 + 1), "x"], "token_ids": [[1], [2], [3]]}
+            for k in range(21)]
+    (seed_dir / "train_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"n_prompts": 21, "pair_samples": 3, "flip_share": 0.5}
+    path, info = sm.build_pairs(str(seed_dir), "no-model", [r["prompt"] for r in rows], cfg, 0, _gold, M.no_spurious)
+    pairs = [json.loads(line) for line in open(path)]
+    assert len(pairs) == info["n_pairs"] == 21 and info["flip_share"] == 0.5
+    assert sum(r["flipped"] for r in pairs) == info["n_flipped"] == round(0.5 * 21) and info["n_spurious"] == 0
+    assert [r["gold_wrong"] for r in pairs] == [r["flipped"] for r in pairs]
+    assert sm.build_pairs(str(seed_dir), "no-model", [], cfg, 0, _gold, M.no_spurious)[1] == info  # reused
+    with pytest.raises(SystemExit, match=r"pairs_info\.json.*--flip-share 0\.5, not 0\.3"):
+        sm.build_pairs(str(seed_dir), "no-model", [], {**cfg, "flip_share": 0.3}, 0, _gold, M.no_spurious)
+    with pytest.raises(SystemExit, match=r"pairs_info\.json.*not 0\.3"):  # a cfg without the key: the default
+        sm.build_pairs(str(seed_dir), "no-model", [], {"n_prompts": 21, "pair_samples": 3}, 0, _gold, M.no_spurious)
+
+
 def test_review_information_on_hand_made_fold_scores(tmp_path, capsys):
     """review_information.py: uniform weights carry (sum s)^2 / N; a review that ranks every flip last makes the
     hard cut and the gold-calibrated weights beat uniform."""

@@ -64,6 +64,12 @@ def prefer_longer(prompt: str, a: str, b: str, gold_a: float, gold_b: float):
     return 0 if la > lb else 1
 
 
+def no_spurious(prompt: str, a: str, b: str, gold_a: float, gold_b: float):
+    """No spurious rule: every label not flipped keeps its gold label (with `--flip-share 0.5`, labels that carry
+    no signal at all)."""
+    return None
+
+
 # ------------------------------------------------------------------------------------------- corruption
 
 

@@ -31,14 +31,14 @@ SIZES = {
                     micro_batch_size=8, lr=2e-5, gen_batch=128, hh_train=96, hh_eval=128),
 }
 BETA = 0.1  # OpenRLHF's default --model.beta, used by every DPO-family method
-FLIP = 0.3
+FLIP = 0.3  # the default --flip-share, and the prior flip rate eps the cDPO-family methods are given at any share
 
 METHODS = {
     # name -> (label, offline?, extra flags). Offline methods train T epochs in one iteration; iterative ones T
     # iterations of exactly N pairs each (--sera.train_pairs N), so every method trains on T x N pairs.
     "dpo": ("offline DPO", True, []),
-    "cdpo": ("cDPO, eps = flip share", True, ["--model.label_smoothing", str(FLIP)]),
-    "rdpo": ("rDPO (robust), eps = flip share", True, ["--sera.loss", "robust", "--model.label_smoothing", str(FLIP)]),
+    "cdpo": ("cDPO, eps = 0.3 (the default flip share)", True, ["--model.label_smoothing", str(FLIP)]),
+    "rdpo": ("rDPO (robust), eps = 0.3", True, ["--sera.loss", "robust", "--model.label_smoothing", str(FLIP)]),
     "iterdpo": ("plain iterative DPO (no review, no ensemble, no guard, no NLL)", False,
                 ["--sera.keep_ratio", "1.0", "--sera.ensemble_k", "1", "--sera.ensemble_lambda", "1.0",
                  "--sera.no_fluency_guard", "--sera.bootstrap_nll_coef", "0"]),
@@ -48,7 +48,7 @@ METHODS = {
     "sera": ("full SeRA (defaults)", False, []),
     "sera_simpo": ("full SeRA with SimPO (beta 2, gamma 0.5)", False,
                    ["--sera.loss", "simpo", "--model.beta", "2.0"]),
-    "sera_soft": ("SeRA-SS, soft calibrated review (out of fold, frozen; prior eps = flip share)", False,
+    "sera_soft": ("SeRA-SS, soft calibrated review (out of fold, frozen; prior eps = 0.3)", False,
                   ["--sera.generated_share_max", "0", "--sera.select_mode", "soft", "--model.label_smoothing",
                    str(FLIP), "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2"]),
     # reference points: they read the gold labels
@@ -120,15 +120,21 @@ def best_worst(rows, samples, gold_fn, prefix):
 def build_pairs(seed_dir, model, train_prompts, cfg, seed, gold_fn, spurious_fn):
     """The seed's noisy preference set (pairs.jsonl) and its info: best/worst of the first `pair_samples` of the
     cached samples of the first `n_prompts` prompts (a sweep cell passes its own cfg)."""
-    n_prompts, samples = cfg["n_prompts"], cfg["pair_samples"]
+    n_prompts, samples, share = cfg["n_prompts"], cfg["pair_samples"], cfg.get("flip_share", FLIP)
     path, info_path = os.path.join(seed_dir, "pairs.jsonl"), os.path.join(seed_dir, "pairs_info.json")
     if os.path.exists(path) and os.path.exists(info_path):
-        return path, json.load(open(info_path))
+        info = json.load(open(info_path))
+        # sets cached before --flip-share existed were made at the default share
+        if info.get("flip_share", FLIP) != share:
+            raise SystemExit(f"{info_path}: this preference set was made with --flip-share "
+                             f"{info.get('flip_share', FLIP)}, not {share}; use another --out")
+        return path, info
     rows = sampled(seed_dir, "train_samples", model, train_prompts, samples, cfg, 10_000 + seed)
     items = best_worst(rows[:n_prompts], samples, gold_fn, "pair")
-    pairs, info = M.label_pairs(items, gold_fn, spurious_fn, FLIP, seed)
+    pairs, info = M.label_pairs(items, gold_fn, spurious_fn, share, seed)
     gaps = sorted(abs(r["gold_chosen"] - r["gold_rejected"]) for r in pairs)
-    info.update({"pair_samples": samples, "n_prompts": n_prompts, "median_gold_gap": gaps[len(gaps) // 2]})
+    info.update({"pair_samples": samples, "n_prompts": n_prompts, "median_gold_gap": gaps[len(gaps) // 2],
+                 "flip_share": share})
     R.write_jsonl(path, pairs)
     with open(info_path, "w") as f:
         json.dump(info, f)
@@ -606,7 +612,10 @@ def main(argv):
     ap.add_argument("--gold", default="metrics:vader_gold", help="module:function or file.py:function, "
                     "f(prompt, response) -> float, higher is better")
     ap.add_argument("--spurious", default="metrics:prefer_longer", help="module:function or file.py:function, "
-                    "f(prompt, a, b, gold_a, gold_b) -> 0, 1 or None")
+                    "f(prompt, a, b, gold_a, gold_b) -> 0, 1 or None; metrics:no_spurious for none")
+    ap.add_argument("--flip-share", type=float, default=FLIP,
+                    help="share of labels flipped at random (0.5 with --spurious metrics:no_spurious: labels with no "
+                         "signal); the cDPO-family methods keep eps = %(default)s, the prior a user would bring")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS))
     ap.add_argument("--model", default=None, help="initial policy directory (default: the embedded "
                     "SmolLM2-135M-Instruct); the smoke test passes a tiny model")
@@ -626,7 +635,9 @@ def main(argv):
         if need not in args.methods:
             args.methods.insert(0, need)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    cfg = {**SIZES[args.size], **({"hh_train": 0} if args.no_hh else {})}
+    if not 0.0 <= args.flip_share <= 1.0:
+        raise SystemExit(f"--flip-share must be in [0, 1], got {args.flip_share}")
+    cfg = {**SIZES[args.size], "flip_share": args.flip_share, **({"hh_train": 0} if args.no_hh else {})}
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "assets"), exist_ok=True)
     gold_fn, spurious_fn = M.load_callable(args.gold), M.load_callable(args.spurious)
@@ -641,7 +652,7 @@ def main(argv):
                                  tokenizer, model, args.rank_anyway))
         table, checks = aggregate(per_seed, args.methods)
         info = {"testbed": "smollm2", "size": args.size, "seeds": [s["seed"] for s in per_seed], "config": cfg,
-                "flip_share": FLIP, "beta": BETA, "gold": args.gold, "spurious": args.spurious,
+                "flip_share": args.flip_share, "prior_eps": FLIP, "beta": BETA, "gold": args.gold, "spurious": args.spurious,
                 "training": "full fine-tuning, fp32 or bf16 per --sera.precision, ZeRO-0, packed training",
                 "threads": args.threads, "wall_seconds_this_invocation": round(time.time() - t0, 1),
                 "command": " ".join(["python benchmarks/quality/run.py"] + list(argv)),
