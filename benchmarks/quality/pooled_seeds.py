@@ -6,7 +6,8 @@ Reads each seed's cached evaluations (OUT/seed_<s>/measure_cache.json, written b
 prints per seed the guarded gold and paired differences (95 % bootstrap over prompts), then every comparison
 pooled over seeds: the mean of the per-seed differences, its interval from the per-seed intervals (normal
 approximation, seeds independent). SEED0 holds seed 0's differences as docs/results.md reports them (issue 22's
-run, whose raw outputs are not kept); --no-seed0 leaves them out.
+run, whose raw outputs are not kept); --no-seed0 leaves them out (and so pools seed 0 of another --out, such as
+the shuffled-label run, like any other seed).
 """
 
 import argparse
@@ -19,11 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import metrics as M  # noqa: E402
 
 LABEL = {"init": "initial policy", "dpo": "offline DPO", "dpo_clean": "offline DPO on gold labels",
-         "cdpo": "cDPO, eps = flip share", "iterdpo": "plain iterative DPO",
+         "cdpo": "cDPO, eps = 0.3", "iterdpo": "plain iterative DPO",
          "random": "random selection at SeRA's kept share", "sera": "full SeRA (defaults)"}
 ORDER = ["init", "dpo", "dpo_clean", "cdpo", "iterdpo", "random", "sera"]
 COMP = [("sera", "dpo"), ("sera", "cdpo"), ("sera", "random"), ("sera", "iterdpo"), ("iterdpo", "dpo"), ("random", "dpo"),
-        ("cdpo", "dpo"), ("dpo_clean", "dpo")]
+        ("cdpo", "dpo"), ("dpo_clean", "dpo"), ("dpo", "init"), ("cdpo", "init"), ("sera", "init")]
 SEED0 = {("sera", "dpo"): (0.040, -0.028, 0.107), ("iterdpo", "dpo"): (0.053, -0.005, 0.111),
          ("dpo_clean", "dpo"): (0.170, 0.103, 0.239), ("sera", "cdpo"): (0.108, 0.031, 0.184),
          ("random", "dpo"): (0.007, -0.043, 0.058), ("cdpo", "dpo"): (-0.069, -0.145, 0.007)}
@@ -63,8 +64,9 @@ def main(argv):
                      + " | ".join(f(d) if d else "–" for d in vc) + " |")
     print("\n".join(lines))
     print()
-    pl = ["| comparison | seed 0 | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled |",
-          "|---|---|" + "---|" * len(seeds) + "---|"]
+    builtin = not args.no_seed0
+    pl = ["| comparison | " + "seed 0 (reported) | " * builtin + " | ".join(f"seed {s}" for s in seeds) + " | pooled |",
+          "|---|" + "---|" * (builtin + len(seeds) + 1)]
     for a, b in COMP:
         if not all(a in ev[s] and b in ev[s] for s in seeds):
             continue
@@ -77,7 +79,7 @@ def main(argv):
         se = math.sqrt(sum(((r[2] - r[1]) / 3.92) ** 2 for r in rows)) / len(rows)
         s0txt = (f"{s0[0]:+.3f} [{s0[1]:+.3f}, {s0[2]:+.3f}]" if s0 else
                  f"{seed0_point[(a, b)]:+.3f} (no interval)" if (a, b) in seed0_point else "–")
-        pl.append(f"| {LABEL[a]} − {LABEL[b]} | {s0txt} | " + " | ".join(f(d) for d in ds)
+        pl.append(f"| {LABEL[a]} − {LABEL[b]} | " + f"{s0txt} | " * builtin + " | ".join(f(d) for d in ds)
                   + f" | {m:+.3f} [{m - 1.96 * se:+.3f}, {m + 1.96 * se:+.3f}] ({len(rows)} seeds) |")
     print("\n".join(pl))
 
