@@ -329,6 +329,25 @@ def test_smollm2_flip_share_makes_a_no_signal_set_and_guards_the_cache(tmp_path)
         sm.build_pairs(str(seed_dir), "no-model", [], {"n_prompts": 21, "pair_samples": 3}, 0, _gold, M.no_spurious)
 
 
+def test_smollm2_every_method_is_a_valid_product_command(tmp_path):
+    """Each --methods arm's command parses and validates as the product's CLI would (flags, config checks, loss,
+    selector) before any training: a bad flag in an arm would otherwise fail an hour into a benchmark seed."""
+    from sera_openrlhf.cli.train_dpo import build_daa_loss, parse_args, sera_config
+
+    sm = _load("smollm2")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n" * 10)
+    for name in sm.METHODS:
+        cmd = sm.command(name, "some/model", str(data), 10, sm.SIZES["smoke"], str(tmp_path), 0, str(tmp_path / name),
+                         "fp32")
+        argv = cmd[cmd.index("sera_openrlhf.cli.train_dpo") + 1:]
+        args = parse_args(argv)
+        build_daa_loss(args, sera_config(args))
+        assert args.sera.enable and args.ckpt.output_dir == str(tmp_path / name), name
+    assert "--sera.judge_consistency" in sm.command("sera_judge", "m", str(data), 10, sm.SIZES["smoke"], str(tmp_path),
+                                                    0, "r", "fp32")
+
+
 def test_review_information_on_hand_made_fold_scores(tmp_path, capsys):
     """review_information.py: uniform weights carry (sum s)^2 / N; a review that ranks every flip last makes the
     hard cut and the gold-calibrated weights beat uniform."""

@@ -21,10 +21,12 @@ import metrics as M  # noqa: E402
 
 LABEL = {"init": "initial policy", "dpo": "offline DPO", "dpo_clean": "offline DPO on gold labels",
          "cdpo": "cDPO, eps = 0.3", "iterdpo": "plain iterative DPO",
-         "random": "random selection at SeRA's kept share", "sera": "full SeRA (defaults)"}
-ORDER = ["init", "dpo", "dpo_clean", "cdpo", "iterdpo", "random", "sera"]
+         "random": "random selection at SeRA's kept share", "sera": "full SeRA (defaults)",
+         "sera_judge": "full SeRA, conservative judge"}
+ORDER = ["init", "dpo", "dpo_clean", "cdpo", "iterdpo", "random", "sera", "sera_judge"]
 COMP = [("sera", "dpo"), ("sera", "cdpo"), ("sera", "random"), ("sera", "iterdpo"), ("iterdpo", "dpo"), ("random", "dpo"),
-        ("cdpo", "dpo"), ("dpo_clean", "dpo"), ("dpo", "init"), ("cdpo", "init"), ("sera", "init")]
+        ("cdpo", "dpo"), ("dpo_clean", "dpo"), ("dpo", "init"), ("cdpo", "init"), ("sera", "init"),
+        ("sera_judge", "sera"), ("sera_judge", "dpo")]
 SEED0 = {("sera", "dpo"): (0.040, -0.028, 0.107), ("iterdpo", "dpo"): (0.053, -0.005, 0.111),
          ("dpo_clean", "dpo"): (0.170, 0.103, 0.239), ("sera", "cdpo"): (0.108, 0.031, 0.184),
          ("random", "dpo"): (0.007, -0.043, 0.058), ("cdpo", "dpo"): (-0.069, -0.145, 0.007)}

@@ -46,6 +46,8 @@ METHODS = {
                ["--sera.generated_share_max", "0", "--sera.selector", "SELECTORS:random_share"]),
     "sera_ss": ("SeRA-SS (self-review only)", False, ["--sera.generated_share_max", "0"]),
     "sera": ("full SeRA (defaults)", False, []),
+    "sera_judge": ("full SeRA, conservative judge (lambda 1, unanimous, consistency-weighted)", False,
+                   ["--sera.judge_lambda", "1.0", "--sera.judge_unanimous", "--sera.judge_consistency"]),
     "sera_simpo": ("full SeRA with SimPO (beta 2, gamma 0.5)", False,
                    ["--sera.loss", "simpo", "--model.beta", "2.0"]),
     "sera_soft": ("SeRA-SS, soft calibrated review (out of fold, frozen; prior eps = 0.3)", False,
