@@ -66,7 +66,8 @@ class LoopConfig:
                                     "grows by --sera.generated_share_step while the review's gold-free estimate of "
                                     "its own flip-detection AUROC (review.calibration) is at least this, and "
                                     "shrinks by the same step when it falls below or the review has no signal: the "
-                                    "same implicit reward judges the generated pairs", check=fraction())
+                                    "same implicit reward judges the generated pairs. Needs an out-of-sample review "
+                                    "(--sera.crossfit_folds or --sera.review_refit prequential)", check=fraction())
     generated_pick: str = option("random", "Which bootstrapped pairs fill the generated share when there are more "
                                  "than it holds: a seeded random subset, or the largest ensembled margins",
                                  choices=("random", "margin"))
@@ -316,6 +317,12 @@ class SeraConfig:
         if refit == "frozen" and not folds and self.loop.skip_first_training:
             raise ConfigError("--sera.review_refit frozen without --sera.crossfit_folds scores with the first-pass "
                               "policy, which --sera.skip_first_training skips")
+        if self.loop.share_min_auroc and folds < 2 and refit != "prequential":
+            # measured (docs/results.md): on labels with no signal an in-sample review estimates itself at ~0.9
+            raise ConfigError(f"--sera.share_min_auroc {self.loop.share_min_auroc} judges the review's gold-free "
+                              "estimate of itself, which in sample reads about 0.9 even on labels with no signal: "
+                              "add --sera.review_refit crossfit (or frozen) --sera.crossfit_folds 2, or "
+                              "--sera.review_refit prequential")
         if self.review.select_mode == "soft" and self.review.selector != "irm":
             raise ConfigError(f"--sera.select_mode soft is the built-in calibration of the IRM; it cannot be combined "
                               f"with --sera.selector {self.review.selector} (a selector may return weights instead)")

@@ -152,3 +152,14 @@ def test_soft_review_takes_label_smoothing_as_its_prior_and_refuses_what_it_cann
         loss("--sera.select_mode", "soft", "--sera.loss", "robust")
     with pytest.raises(ConfigError, match="cannot be combined with --sera.selector my.mod:fn"):
         parse("--sera.enable", "--sera.select_mode", "soft", "--sera.selector", "my.mod:fn")
+
+
+def test_adaptive_share_needs_an_out_of_sample_review():
+    """--sera.share_min_auroc trusts the review's estimate of itself: refused in sample (where it reads ~0.9 on
+    labels with no signal), accepted with fold twins or the prequential review."""
+    for flags in ([], ["--sera.review_refit", "frozen"]):
+        with pytest.raises(ConfigError, match="--sera.share_min_auroc 0.6 .* in sample"):
+            parse("--sera.enable", "--sera.share_min_auroc", "0.6", *flags)
+    for flags in (["--sera.review_refit", "crossfit", "--sera.crossfit_folds", "2"],
+                  ["--sera.review_refit", "frozen", "--sera.crossfit_folds", "2"], ["--sera.review_refit", "prequential"]):
+        assert parse("--sera.enable", "--sera.share_min_auroc", "0.6", *flags).loop.share_min_auroc == 0.6

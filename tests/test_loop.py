@@ -149,10 +149,12 @@ def test_generation_prompt_is_the_training_prompt(tiny_model):
 
 @pytest.mark.slow
 def test_the_robust_review_and_judge_flags_run_together_through_the_cli(tiny_model, tiny_data, tmp_path):
-    """Soft review on the IRM averaged over two reviews, a pessimistic unanimous judge and the adaptive share, in
-    one 3-iteration run: each leaves its trace in the state and the run files."""
+    """Soft review on the IRM averaged over two reviews, a pessimistic unanimous judge and the adaptive share (which
+    needs an out-of-sample review: two cross-fitted folds), in one 3-iteration run: each leaves its trace in the
+    state and the run files."""
     run_dir = tmp_path / "run"
-    proc = run_cli(loop_flags(tiny_model, tiny_data, run_dir, 3, "--sera.select_mode", "soft",
+    proc = run_cli(loop_flags(tiny_model, tiny_data, run_dir, 3, "--sera.review_refit", "crossfit",
+                              "--sera.crossfit_folds", "2", "--sera.select_mode", "soft",
                               "--model.label_smoothing", "0.1", "--sera.review_average", "2", "--sera.judge_lambda",
                               "1.0", "--sera.judge_unanimous", "--sera.share_min_auroc", "0.6",
                               "--sera.generated_share_step", "0.25"))
@@ -164,14 +166,13 @@ def test_the_robust_review_and_judge_flags_run_together_through_the_cli(tiny_mod
     irm2 = {r["id"]: r["irm"] for r in read_jsonl(run_dir / "iter_2" / "review.jsonl")}
     assert all(r["irm_averaged"] == pytest.approx((r["irm"] + irm2[r["id"]]) / 2) for r in review3)
     assert its["3"]["review"]["calibration"]["reviews_averaged"] == 2
-    fitted = [t for t in ("2", "3") if not its[t]["review"]["calibration"]["fallback"]]
-    assert proc.stdout.count("soft review calibrated on in-sample margins") == len(fitted)  # no crossfit here
+    assert "soft review calibrated on in-sample margins" not in proc.stdout  # out of fold
     assert its["2"]["review"]["calibration"]["previous_review_correlation"] is None  # no earlier review
     ids = [r["id"] for r in review3]
     expect = torch.corrcoef(torch.tensor([[r["irm"] for r in review3], [irm2[i] for i in ids]], dtype=torch.float64))
     assert its["3"]["review"]["calibration"]["previous_review_correlation"] == pytest.approx(float(expect[0, 1]))
     report = (run_dir / "report" / "report.md").read_text()
-    assert f"correlation with the previous review {float(expect[0, 1]):.4f}" in report
+    assert f"correlation with the previous review {float(expect[0, 1]):.4g}" in report
     share = 0.0
     for t in ("2", "3"):
         cal = its[t]["review"]["calibration"]

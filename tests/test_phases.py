@@ -169,7 +169,8 @@ def test_wandb_statistics_resume_one_run_across_the_trainers_own_runs(monkeypatc
 def test_adaptive_share_grows_while_the_review_estimate_holds_and_shrinks_when_it_falls(tmp_path):
     """--sera.share_min_auroc 0.7: one step up per iteration while review t's estimated flip AUROC >= 0.7, one
     step down below it or without signal; within [0, --sera.generated_share_max]."""
-    ctx = context(tmp_path, share_min_auroc=0.7, generated_share_step=0.25, generated_share_max=0.5, iterations=7)
+    ctx = context(tmp_path, share_min_auroc=0.7, generated_share_step=0.25, generated_share_max=0.5, iterations=7,
+                  review_refit="prequential")
     estimates = {2: (0.8, None), 3: (0.75, None), 4: (0.9, None), 5: (0.6, None), 6: (0.9, "no signal"),
                  7: (0.65, None)}
     shares = [train.target_share(ctx, 1)]
@@ -228,6 +229,22 @@ def test_review_average_ranks_by_the_mean_irm_of_the_last_k_reviews(tmp_path):
     write_jsonl(single.layout.review(2), read_jsonl(ctx.layout.review(2)))
     review.run(single, 3)
     assert sorted(r["id"] for r in read_jsonl(single.layout.review(3)) if r["kept"]) == ["o2", "o3"]
+
+
+def test_soft_review_on_in_sample_margins_warns_that_its_estimate_overstates(tmp_path):
+    """The default review scores pairs the policy trained on: a soft review fitted to those margins says so (on
+    labels with no signal such margins were measured to fit as an AUROC-0.9 review)."""
+    from sera_openrlhf.phases import review
+    from sera_openrlhf.sources import DataSpec
+
+    ctx = context(tmp_path, select_mode="soft", iterations=2)
+    ctx.data = DataSpec("d", None, 0, "prompt", "chosen", "rejected", None, "train", False, False, None,
+                        "--data.dataset")
+    ctx.rows = [{"id": f"o{i}", "prompt": "p", "chosen": "x", "rejected": "y"} for i in range(40)]
+    ctx.backend = ReviewBackend([-1.0 - 0.05 * i if i % 5 == 0 else 1.0 + 0.05 * i for i in range(40)])
+    stats = review.run(ctx, 2)
+    assert stats["calibration"]["fallback"] is None and stats["calibration"]["out_of_fold"] is False
+    assert sum("soft review calibrated on in-sample margins" in m for m in ctx.backend.messages) == 1
 
 
 def test_review_per_token_divides_each_reward_by_its_length(tmp_path):
