@@ -126,10 +126,10 @@ def build_pairs(seed_dir, model, train_prompts, cfg, seed, gold_fn, spurious_fn)
     path, info_path = os.path.join(seed_dir, "pairs.jsonl"), os.path.join(seed_dir, "pairs_info.json")
     if os.path.exists(path) and os.path.exists(info_path):
         info = json.load(open(info_path))
-        # sets cached before --flip-share existed were made at the default share
-        if info.get("flip_share", FLIP) != share:
-            raise SystemExit(f"{info_path}: this preference set was made with --flip-share "
-                             f"{info.get('flip_share', FLIP)}, not {share}; use another --out")
+        made = info.get("flip_share", FLIP)  # sets cached before --flip-share existed were made at the default
+        if made != share:
+            raise SystemExit(f"{info_path}: this preference set was made with --flip-share {made}, not {share}; "
+                             "use another --out")
         return path, info
     rows = sampled(seed_dir, "train_samples", model, train_prompts, samples, cfg, 10_000 + seed)
     items = best_worst(rows[:n_prompts], samples, gold_fn, "pair")

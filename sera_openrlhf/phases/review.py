@@ -38,10 +38,6 @@ def scoring_iteration(ctx: RunContext, t: int) -> int:
     return 1 if ctx.cfg.review.review_refit == "frozen" else t - 1
 
 
-def out_of_sample(ctx: RunContext) -> bool:
-    return ctx.cfg.review.crossfit_folds >= 2 or ctx.cfg.review.review_refit == "prequential"
-
-
 def prequential(ctx: RunContext) -> dict:
     """The pair-rewards table of `score` from iteration 1's training forwards: each offline pair's first one
     (a copy `<id>#<n>` counts for its pair), scored by the policy just before it trained on the pair. A pair
@@ -147,7 +143,7 @@ def run(ctx: RunContext, t: int) -> dict:
     ids = scores["ids"]
     raw, prev, irm, window = margins(ctx, t, scores)
     table = {"id": ids, "irm": irm, **{k: scores[k] for k in SCORE_COLUMNS}, "irm_prev": prev}
-    oos = out_of_sample(ctx)
+    oos = ctx.cfg.review.out_of_sample
     signal, selector, config = check_signal(ctx, t, irm, oos, SelectionConfig.from_review(ctx.cfg.review))
     # the gold-free fit, in every mode: its flip-rate and AUROC estimates are reported and drive the adaptive share
     cal = (flip_mixture(irm, ctx.flip_prior) if signal["action"] == "select" else
