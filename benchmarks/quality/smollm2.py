@@ -50,6 +50,11 @@ METHODS = {
                    ["--sera.judge_lambda", "1.0", "--sera.judge_unanimous", "--sera.judge_consistency"]),
     "sera_simpo": ("full SeRA with SimPO (beta 2, gamma 0.5)", False,
                    ["--sera.loss", "simpo", "--model.beta", "2.0"]),
+    "sera_keepall": ("full SeRA without offline selection (keep ratio 1.0)", False, ["--sera.keep_ratio", "1.0"]),
+    # grows the generated share only while the out-of-sample review estimates its own flip AUROC at >= 0.6, the
+    # signal at which a hard cut stops losing information (docs/concepts.md); prequential: no extra scoring pass
+    "sera_adaptive": ("full SeRA, adaptive generated share (prequential review, min AUROC 0.6)", False,
+                      ["--sera.review_refit", "prequential", "--sera.share_min_auroc", "0.6"]),
     "sera_soft": ("SeRA-SS, soft calibrated review (out of fold, frozen; prior eps = 0.3)", False,
                   ["--sera.generated_share_max", "0", "--sera.select_mode", "soft", "--model.label_smoothing",
                    str(FLIP), "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2"]),
