@@ -512,9 +512,10 @@ def test_pooled_seeds_by_hand(tmp_path, capsys):
     assert f"| {s0[0]:+.3f} [{s0[1]:+.3f}, {s0[2]:+.3f}] | {ds[0]['diff']:+.3f}" in line and line.endswith("(3 seeds) |")
 
 
-def test_judge_accuracy_by_hand(tmp_path, capsys):
+def test_judge_accuracy_by_hand(tmp_path, capsys, tiny_model):
     """judge_accuracy.py: each ensemble member's implicit reward (logp pi<k> - ref<k>), the members weighted as the
-    run's pair phase weighted them, and the trained pairs, each scored against gold on the run's samples."""
+    run's pair phase weighted them, and the trained pairs, each scored against gold on the run's samples; --rescore
+    scores them with another run's final policy (here the initial model itself: every reward 0, all ties)."""
     import json
 
     ja = _load("judge_accuracy")
@@ -523,21 +524,27 @@ def test_judge_accuracy_by_hand(tmp_path, capsys):
     (run / "iter_2").mkdir(parents=True)
     (run / "iter_1").mkdir()  # iteration 1 does not bootstrap: skipped even with samples
     golds = {"a": [0.1, 0.5, 0.9], "b": [0.3, 0.2, 0.7], "c": [0.0, 0.4, 0.8]}
-    rows = [{"prompt_id": pid, "prompt": pid, "text": f"x {g}", "logp": {"pi1": g, "ref1": 0.0, "pi2": 1 - g, "ref2": 1.0}}
-            for pid, gs in golds.items() for g in gs]
+    rows = [{"prompt_id": pid, "prompt": pid, "text": f"x {g}", "logp": {"pi1": g, "ref1": 0.0, "pi2": 1 - g, "ref2": 1.0},
+             "prompt_ids": [5, 6], "token_ids": [7 + i, 8]} for pid, gs in golds.items() for i, g in enumerate(gs)]
     for t in (1, 2):
         (run / f"iter_{t}" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "iter_2" / "bootstrapped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"prompt": "a", "chosen": "x 0.9", "rejected": "x 0.1"}, {"prompt": "b", "chosen": "x 0.2", "rejected": "x 0.7"},
         {"prompt": "c", "chosen": "x 0.8", "rejected": "x 0.0"}, {"prompt": "c", "chosen": "x 1", "rejected": "x 1"}]))
+    (tmp_path / "seed_0" / "dpo").mkdir()
+    (tmp_path / "seed_0" / "dpo" / "sera_state.json").write_text(json.dumps({"final_policy": tiny_model}))
     (run / "sera_state.json").write_text(json.dumps({
-        "config": {"model": {"model_name_or_path": "unused"}},
+        "config": {"model": {"model_name_or_path": tiny_model}},
         "iterations": {"2": {"pair": {"ensemble": {"policies": [1, 2], "weights": [0.25, 0.75]}}}}}))
-    res = ja.main(["--out", str(tmp_path), "--seeds", "0", "--runs", "sera", "--gold", f"{tmp_path / 'gold.py'}:gold"])
+    res = ja.main(["--out", str(tmp_path), "--seeds", "0", "--runs", "sera", "--gold", f"{tmp_path / 'gold.py'}:gold",
+                   "--rescore", "dpo", "dpo_clean"])  # no dpo_clean run here: left out
     assert list(res) == ["0/sera/2"]
     tab = res["0/sera/2"]
     assert tab["pi1"] == {"acc": 1.0, "lo": 1.0, "hi": 1.0, "n_pairs": 9, "n_prompts": 3, "extremes": 1.0}
     assert tab["pi2"]["acc"] == 0.0 and tab["ensemble"]["acc"] == 0.0  # 0.25 g - 0.75 g orders against gold
     assert tab["trained pairs"] == {"acc": 2 / 3, "n_pairs": 3}  # the gold tie is not counted
+    assert tab["dpo"]["acc"] == 0.5 and "dpo_clean" not in tab
+    cache = json.loads((tmp_path / "seed_0" / "judge_accuracy_cache.json").read_text())
+    assert list(cache) == ["dpo:sera/iter_2/samples.jsonl"] and cache["dpo:sera/iter_2/samples.jsonl"] == [0.0] * 9
     assert "| 0 | sera | 2 | trained pairs | 0.667 | 3 | – |" in capsys.readouterr().out
     assert (tmp_path / "judge_accuracy.md").exists() and json.loads((tmp_path / "judge_accuracy.json").read_text())

@@ -53,7 +53,7 @@ def accuracy(groups, n_boot=1000, seed=0):
             "extremes": sum(extremes) / len(extremes) if extremes else None}
 
 
-def rescored(seed_dir, policy_run, rows, init):
+def rescored(seed_dir, policy_run, samples_file, rows, init):
     """Implicit reward (log-prob ratio to the initial policy; beta does not change an order) of each sample under
     a run's final policy, scored on the token ids the sample was generated as; cached in the seed directory."""
     import torch
@@ -62,7 +62,7 @@ def rescored(seed_dir, policy_run, rows, init):
 
     cache = os.path.join(seed_dir, "judge_accuracy_cache.json")
     store = json.load(open(cache)) if os.path.exists(cache) else {}
-    key = f"{policy_run}:{rows[0]['_file']}"
+    key = f"{policy_run}:{os.path.relpath(samples_file, seed_dir)}"
     if key not in store:
         state = json.load(open(os.path.join(seed_dir, policy_run, "sera_state.json")))
         lps = {}
@@ -77,10 +77,9 @@ def rescored(seed_dir, policy_run, rows, init):
 
 def iteration_table(seed_dir, run, t, gold_fn, rescore, init):
     it_dir = os.path.join(seed_dir, run, f"iter_{t}")
-    rows = R.read_jsonl(os.path.join(it_dir, "samples.jsonl"))
-    for r in rows:
-        r["_file"] = os.path.relpath(os.path.join(it_dir, "samples.jsonl"), seed_dir)
-        r["_gold"] = gold_fn(r["prompt"], r["text"])
+    samples_file = os.path.join(it_dir, "samples.jsonl")
+    rows = R.read_jsonl(samples_file)
+    golds = [gold_fn(r["prompt"], r["text"]) for r in rows]
     state = json.load(open(os.path.join(seed_dir, run, "sera_state.json")))
     ens = state["iterations"][str(t)]["pair"]["ensemble"]
     rewards = {f"pi{k}": [r["logp"][f"pi{k}"] - r["logp"][f"ref{k}"] for r in rows] for k in ens["policies"]}
@@ -88,16 +87,16 @@ def iteration_table(seed_dir, run, t, gold_fn, rescore, init):
                            for i in range(len(rows))]
     for other in rescore:
         if os.path.exists(os.path.join(seed_dir, other, "sera_state.json")):
-            rewards[other] = rescored(seed_dir, other, rows, init)
+            rewards[other] = rescored(seed_dir, other, samples_file, rows, init)
     out = {}
     for name, rew in rewards.items():
         groups = collections.defaultdict(list)
-        for r, x in zip(rows, rew):
-            groups[r["prompt_id"]].append((r["prompt"], r["text"], r["_gold"], x))
+        for r, g, x in zip(rows, golds, rew):
+            groups[r["prompt_id"]].append((r["prompt"], r["text"], g, x))
         out[name] = accuracy(list(groups.values()))
     trained = R.read_jsonl(os.path.join(it_dir, "bootstrapped.jsonl"))
-    golds = [(gold_fn(b["prompt"], b["chosen"]), gold_fn(b["prompt"], b["rejected"])) for b in trained]
-    decided = [gc > gr for gc, gr in golds if gc != gr]
+    pair_golds = [(gold_fn(b["prompt"], b["chosen"]), gold_fn(b["prompt"], b["rejected"])) for b in trained]
+    decided = [gc > gr for gc, gr in pair_golds if gc != gr]
     out["trained pairs"] = {"acc": sum(decided) / len(decided) if decided else None, "n_pairs": len(decided)}
     return out
 
