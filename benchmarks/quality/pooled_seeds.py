@@ -31,7 +31,7 @@ COMP = [("sera", "dpo"), ("sera", "cdpo"), ("sera", "random"), ("sera", "iterdpo
         ("cdpo", "dpo"), ("dpo_clean", "dpo"), ("dpo", "init"), ("cdpo", "init"), ("sera", "init"),
         ("sera_judge", "sera"), ("sera_judge", "dpo"), ("sera_ss", "dpo"), ("sera_ss", "random"), ("sera_soft", "dpo"),
         ("sera_soft", "cdpo"), ("sera_keepall", "dpo"), ("sera_keepall", "sera"), ("sera_keepall", "iterdpo"),
-        ("sera_adaptive", "dpo"), ("sera_adaptive", "sera")]
+        ("sera_adaptive", "dpo"), ("sera_adaptive", "cdpo"), ("sera_adaptive", "sera")]
 SEED0 = {("sera", "dpo"): (0.040, -0.028, 0.107), ("iterdpo", "dpo"): (0.053, -0.005, 0.111),
          ("dpo_clean", "dpo"): (0.170, 0.103, 0.239), ("sera", "cdpo"): (0.108, 0.031, 0.184),
          ("random", "dpo"): (0.007, -0.043, 0.058), ("cdpo", "dpo"): (-0.069, -0.145, 0.007),
