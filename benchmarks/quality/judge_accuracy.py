@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import random
@@ -53,24 +54,26 @@ def accuracy(groups, n_boot=1000, seed=0):
             "extremes": sum(extremes) / len(extremes) if extremes else None}
 
 
-def rescored(seed_dir, policy_run, samples_file, rows, init):
-    """Implicit reward (log-prob ratio to the initial policy; beta does not change an order) of each sample under
-    a run's final policy, scored on the token ids the sample was generated as; cached in the seed directory."""
+def logps(model_path, rows):
+    """Log-prob sum of each sample's response under a model, on the token ids the sample was generated as."""
     import torch
 
     from sera_openrlhf.scoring import SequenceItem, hf_logprob_fn, score_sequences
 
+    model, tok = R.load_model(model_path)
+    items = [SequenceItem(torch.tensor(r["prompt_ids"] + r["token_ids"]), len(r["prompt_ids"])) for r in rows]
+    return score_sequences(hf_logprob_fn(model), items, tok.pad_token_id, show_progress=False).logp_sum.tolist()
+
+
+def rescored(seed_dir, policy_run, samples_file, rows, init_logps):
+    """Implicit reward (log-prob ratio to the initial policy; beta does not change an order) of each sample under
+    a run's final policy; cached in the seed directory. init_logps() gives the initial policy's log-probs."""
     cache = os.path.join(seed_dir, "judge_accuracy_cache.json")
     store = json.load(open(cache)) if os.path.exists(cache) else {}
     key = f"{policy_run}:{os.path.relpath(samples_file, seed_dir)}"
     if key not in store:
         state = json.load(open(os.path.join(seed_dir, policy_run, "sera_state.json")))
-        lps = {}
-        for name, path in (("policy", state["final_policy"]), ("init", init)):
-            model, tok = R.load_model(path)
-            items = [SequenceItem(torch.tensor(r["prompt_ids"] + r["token_ids"]), len(r["prompt_ids"])) for r in rows]
-            lps[name] = score_sequences(hf_logprob_fn(model), items, tok.pad_token_id, show_progress=False).logp_sum.tolist()
-        store[key] = [a - b for a, b in zip(lps["policy"], lps["init"])]
+        store[key] = [a - b for a, b in zip(logps(state["final_policy"], rows), init_logps())]
         atomic_write_json(cache, store)
     return store[key]
 
@@ -85,9 +88,10 @@ def iteration_table(seed_dir, run, t, gold_fn, rescore, init):
     rewards = {f"pi{k}": [r["logp"][f"pi{k}"] - r["logp"][f"ref{k}"] for r in rows] for k in ens["policies"]}
     rewards["ensemble"] = [sum(w * rewards[f"pi{k}"][i] for k, w in zip(ens["policies"], ens["weights"]))
                            for i in range(len(rows))]
+    init_logps = functools.cache(lambda: logps(init, rows))  # scored once, whatever the number of --rescore runs
     for other in rescore:
         if os.path.exists(os.path.join(seed_dir, other, "sera_state.json")):
-            rewards[other] = rescored(seed_dir, other, samples_file, rows, init)
+            rewards[other] = rescored(seed_dir, other, samples_file, rows, init_logps)
     out = {}
     for name, rew in rewards.items():
         groups = collections.defaultdict(list)
