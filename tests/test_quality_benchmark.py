@@ -548,3 +548,56 @@ def test_judge_accuracy_by_hand(tmp_path, capsys, tiny_model):
     assert list(cache) == ["dpo:sera/iter_2/samples.jsonl"] and cache["dpo:sera/iter_2/samples.jsonl"] == [0.0] * 9
     assert "| 0 | sera | 2 | trained pairs | 0.667 | 3 | – |" in capsys.readouterr().out
     assert (tmp_path / "judge_accuracy.md").exists() and json.loads((tmp_path / "judge_accuracy.json").read_text())
+
+
+def test_review_ceiling_by_hand(tmp_path, capsys):
+    """review_ceiling.py: the expected flip AUROC of held-out gold margins g is P(g_i + g_j > 0) over i != j, which
+    is the mean AUROC over random flips of their labels; --twins sets the fold twins' held-out strength beside
+    their measured out-of-fold AUROC."""
+    import json
+    import random
+
+    rc = _load("review_ceiling")
+    s = rc.strength([1.0, -0.5, 2.0])
+    assert s["acc"] == pytest.approx(2 / 3) and s["auroc"] == 1.0  # every sum of two margins is > 0
+    assert rc.strength([1.0, -2.0, 0.5])["auroc"] == pytest.approx(1 / 3)
+    assert rc.strength([1.0, -1.0])["auroc"] == 0.5  # a tie counts 1/2
+    g = [random.Random(3).gauss(0.3, 1.0) for _ in range(30)]
+    rng = random.Random(0)
+    sims = []
+    for _ in range(3000):  # flip 9 of 30 labels at random: the label margin of a flipped pair is -g
+        flipped = [True] * 9 + [False] * 21
+        rng.shuffle(flipped)
+        sims.append(V.auroc([x if f else -x for x, f in zip(g, flipped)], flipped))  # score -(label margin)
+    assert sum(sims) / len(sims) == pytest.approx(rc.strength(g)["auroc"], abs=0.005)
+
+    seed = tmp_path / "seed_0"
+    seed.mkdir()
+    (tmp_path / "gold.py").write_text("def gold(prompt, text):\n    return float(text.split()[-1])\n")
+    # two held-out prompts: gold-best vs gold-worst of each; a third whose samples tie on gold is dropped
+    (seed / "heldout_samples.jsonl").write_text("".join(json.dumps({"prompt": p, "texts": t}) + "\n" for p, t in [
+        ("a", ["x 1", "x 3", "x 2"]), ("b", ["y 5", "y 4"]), ("c", ["z 1", "w 1"])]))
+    (seed / "pairs.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "flipped": f}) + "\n"
+                                              for i, f in enumerate([True, False, False, True])))
+    for k in (0, 1):
+        (seed / f"fold{k}").mkdir()
+        (seed / f"fold{k}" / "sera_state.json").write_text(json.dumps({"final_policy": "unused: cached"}))
+    beta = 0.1
+    cache = {"init_heldout": [[0.0, 0.0], [0.0, 0.0]],
+             "heldout_dpo": [[10.0, -20.0], [0.0, 0.0]],  # margins +1, -2 (gold-oriented): acc 1/2, AUROC 0
+             "heldout_fold0": [[10.0, 10.0], [0.0, 0.0]], "heldout_fold1": [[-10.0, -10.0], [0.0, 0.0]],
+             # fold 0 = pairs 0 and 2, fold 1 = pairs 1 and 3; margins -1 +1 / +1 -1 against flips T F / F T
+             "fold0_policy": [[-10.0, 10.0], [0.0, 0.0]], "fold0_init": [[0.0, 0.0], [0.0, 0.0]],
+             "fold1_policy": [[10.0, -10.0], [0.0, 0.0]], "fold1_init": [[0.0, 0.0], [0.0, 0.0]]}
+    (seed / "measure_cache.json").write_text(json.dumps(cache))
+    assert rc.S.BETA == beta
+    res = rc.main(["--out", str(tmp_path), "--seeds", "0", "--twins", "--gold", f"{tmp_path / 'gold.py'}:gold"])[0]
+    assert res["dpo"]["acc"] == 0.5 and res["dpo"]["auroc"] == 0.0 and res["dpo"]["n"] == 2
+    assert res["fold0"]["acc"] == 1.0 and res["fold0"]["auroc"] == 1.0
+    assert res["fold1"]["acc"] == 0.0 and res["fold1"]["auroc"] == 0.0
+    assert res["fold twins, measured out of fold"]["auroc"] == 1.0  # every flipped pair has the lower margin
+    out = capsys.readouterr().out
+    assert "| dpo | 0.500 [" in out and (tmp_path / "review_ceiling.md").read_text() in out
+    (seed / "heldout_samples.jsonl").write_text(json.dumps({"prompt": "a", "texts": ["x 1", "x 3"]}) + "\n")
+    with pytest.raises(SystemExit, match="1 held-out pairs rebuilt, the cache has 2"):
+        rc.main(["--out", str(tmp_path), "--seeds", "0", "--twins", "--gold", f"{tmp_path / 'gold.py'}:gold"])
