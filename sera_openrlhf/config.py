@@ -149,6 +149,10 @@ class ReviewConfig:
     crossfit_folds: int = option(0, "K folds for --sera.review_refit crossfit / frozen: each fold is scored by a "
                                  "twin policy trained without it (0 = off)", check=(lambda v: v == 0 or v >= 2,
                                                                                     "0 (off) or >= 2"))
+    fold_epochs: int = option(0, "Epochs each fold twin trains (0 = --train.max_epochs, as the policy it stands in "
+                              "for). An iterative run's policy trains one epoch per iteration, which leaves its twins "
+                              "reviewing weakly; training them as long as an offline DPO run strengthens the review "
+                              "(docs/results.md)", check=at_least(0))
     review_min_agreement: float = option(0.55, "With cross-fitted review: the share of labels the out-of-fold IRM "
                                          "must agree with (its one-sided 95-percent lower confidence bound) for "
                                          "self-review to count as having a signal", check=fraction())
@@ -316,6 +320,9 @@ class SeraConfig:
         if refit in ("current", "prequential") and folds:
             raise ConfigError(f"--sera.crossfit_folds {folds} needs --sera.review_refit crossfit (fold twins refit "
                               "each iteration) or frozen (the iteration-1 fold twins)")
+        if self.review.fold_epochs and not folds:
+            raise ConfigError(f"--sera.fold_epochs {self.review.fold_epochs} sets how long the fold twins train: it "
+                              "needs --sera.crossfit_folds K >= 2")
         if refit == "prequential" and self.loop.skip_first_training:
             raise ConfigError("--sera.review_refit prequential reads iteration 1's training forwards, which "
                               "--sera.skip_first_training skips")

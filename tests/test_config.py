@@ -163,3 +163,12 @@ def test_adaptive_share_needs_an_out_of_sample_review():
     for flags in (["--sera.review_refit", "crossfit", "--sera.crossfit_folds", "2"],
                   ["--sera.review_refit", "frozen", "--sera.crossfit_folds", "2"], ["--sera.review_refit", "prequential"]):
         assert parse("--sera.enable", "--sera.share_min_auroc", "0.6", *flags).loop.share_min_auroc == 0.6
+
+
+def test_fold_epochs_needs_fold_twins():
+    with pytest.raises(ConfigError, match="--sera.fold_epochs 3 .* needs --sera.crossfit_folds"):
+        parse("--sera.enable", "--sera.fold_epochs", "3")
+    with pytest.raises(ConfigError, match="--sera.fold_epochs"):
+        parse("--sera.enable", "--sera.fold_epochs", "-1", "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2")
+    cfg = parse("--sera.enable", "--sera.fold_epochs", "3", "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2")
+    assert cfg.review.fold_epochs == 3

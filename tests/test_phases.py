@@ -19,13 +19,14 @@ class Backend:
     is_writer = True
 
     def __init__(self):
-        self.messages, self.trained = [], []
+        self.messages, self.trained, self.epochs = [], [], []
 
     def print(self, msg):
         self.messages.append(msg)
 
-    def train(self, name, rows, policy, reference, output_dir):
+    def train(self, name, rows, policy, reference, output_dir, epochs=None):
         self.trained.append((name, rows, policy, reference, output_dir))
+        self.epochs.append(epochs)
         return {"n_train_pairs": len(rows)}
 
 
@@ -124,6 +125,11 @@ def test_train_pairs_gives_every_iteration_exactly_the_budget(tmp_path, n_mix, b
     name, _, start, reference, out = ctx.backend.trained[-1]
     assert start == ctx.layout.fold_policy(1, 0) != ctx.layout.policy(1) and out == ctx.layout.fold_policy(2, 0)
     assert reference == ctx.layout.reference(2)  # the initial model by default
+    assert ctx.backend.epochs[-2:] == [None, None]  # --train.max_epochs, as pi_2 (--sera.fold_epochs 0)
+    ctx.cfg.review.fold_epochs = 3
+    train.fold_twin(ctx, 2, 0)
+    train.run(ctx, 2)
+    assert ctx.backend.epochs[-2:] == [3, None]  # the twin trains 3 epochs, the policy as before
     train.fold_twin(ctx, 1, 0)
     assert ctx.backend.trained[-1][2] == ctx.layout.policy(0)  # the chain starts at pi_0
     ctx.layout.reference_rule = "previous"  # --sera.reference previous: the twin's reference is its own chain's

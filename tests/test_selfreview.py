@@ -142,8 +142,9 @@ def test_flipped_pairs_rank_low_and_are_dropped(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_crossfitted_review_scores_each_fold_with_the_other_folds_policy(tiny_model, tmp_path):
-    """--sera.crossfit_folds 2: two fold policies are trained in iteration 1, each without its fold, and the
-    review scores every pair with the policy that never saw it. Per-iteration metrics reach TensorBoard."""
+    """--sera.crossfit_folds 2: two fold policies are trained in iteration 1, each without its fold, for
+    --sera.fold_epochs 2 epochs, and the review scores every pair with the policy that never saw it. Per-iteration
+    metrics reach TensorBoard."""
     from conftest import tb_scalars
 
     rows = tiny.preference_pairs(64, flip_share=0.25, seed=4)
@@ -151,7 +152,7 @@ def test_crossfitted_review_scores_each_fold_with_the_other_folds_policy(tiny_mo
     run_dir, tb = tmp_path / "run", tmp_path / "tb"
     run_cli(base_flags(tiny_model, data, str(run_dir), "--adam.lr", "5e-4", "--model.beta", str(BETA),
                        "--sera.enable", "--sera.iterations", "2", "--sera.generated_share_max", "0",
-                       "--sera.review_refit", "crossfit", "--sera.crossfit_folds", "2",
+                       "--sera.review_refit", "crossfit", "--sera.crossfit_folds", "2", "--sera.fold_epochs", "2",
                        "--logger.tensorboard_dir", str(tb)))
     state = json.loads((run_dir / "sera_state.json").read_text())
     assert {"iter1/crossfit_fold0", "iter1/crossfit_fold1"} <= set(state["done"])
@@ -161,8 +162,12 @@ def test_crossfitted_review_scores_each_fold_with_the_other_folds_policy(tiny_mo
     review = read_jsonl(run_dir / "iter_2" / "review.jsonl")
     folds = [r["fold"] for r in review]
     assert set(folds) == {0, 1} and abs(folds.count(0) - folds.count(1)) <= 1
-    # each fold policy trained on the other fold only: 32 pairs = 4 optimizer steps of batch 8
+    # each fold policy trained on the other fold only: 32 pairs = 4 optimizer steps of batch 8, twice (2 epochs),
+    # while pi_1 trains its 64 pairs once (--train.max_epochs 1): 8 steps
     assert state["iterations"]["1"]["crossfit_fold0"]["n_train_pairs"] == 32
+    last = {k: read_jsonl(run_dir / "iter_1" / k / "policy" / "train_log.jsonl")[-1] for k in ("fold_0", ".")}
+    assert (last["fold_0"]["global_step"], last["fold_0"]["epoch"]) == (8, 1)  # epochs count from 0
+    assert (last["."]["global_step"], last["."]["epoch"]) == (8, 0)
     # every pair's implicit rewards are those of ITS fold's policy (the one trained without it)
     fold_of = {r["id"]: r["fold"] for r in review}
     policies = {i: str(run_dir / "iter_1" / f"fold_{k}" / "policy") for i, k in fold_of.items()}

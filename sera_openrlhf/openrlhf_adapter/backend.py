@@ -51,8 +51,9 @@ class OpenRLHFBackend:
         if dist.is_initialized():
             dist.barrier()
 
-    def train(self, name: str, rows, policy: str, reference: str, output_dir: str) -> dict:
-        """One DAA training run on `rows` from `policy` against `reference`; saves to `output_dir`.
+    def train(self, name: str, rows, policy: str, reference: str, output_dir: str, epochs: int | None = None) -> dict:
+        """One DAA training run on `rows` from `policy` against `reference`; saves to `output_dir`. `epochs`
+        overrides --train.max_epochs (the fold twins' --sera.fold_epochs).
 
         `name` (iter<t>, iter<t>_fold<k>) names the phase's logger run (<run_name>_<name>: one TensorBoard/wandb
         run per training phase, each with its own step counter) and its DeepSpeed checkpoint directory
@@ -60,6 +61,8 @@ class OpenRLHFBackend:
         args = copy.deepcopy(self.args)  # the trainer rewrites eval/save steps in place
         args.logger.wandb.run_name = f"{self.args.logger.wandb.run_name}_{name}"
         args.ckpt.path = os.path.join(self.args.ckpt.path, name)
+        if epochs:
+            args.train.max_epochs = epochs
         stock_args, self.strategy.args = self.strategy.args, args  # DPOTrainer reads its logger from strategy.args
         sync = None
         if self.engines is not None and "_fold" not in name:  # the next generation samples this policy

@@ -80,7 +80,7 @@ def fold_twin(ctx: RunContext, t: int, k: int) -> dict:
     fold_of = dict(zip((r["id"] for r in ctx.rows), folds(ctx)))
     rows = [r for r in rows if fold_of.get(r.get("source_id", r["id"])) != k]
     stats = ctx.backend.train(f"iter{t}_fold{k}", rows, ctx.layout.fold_start(t, k), ctx.layout.fold_reference(t, k),
-                              ctx.layout.fold_policy(t, k))
+                              ctx.layout.fold_policy(t, k), epochs=ctx.cfg.review.fold_epochs or None)
     return {**stats, "fold": k, "n_rows": len(rows)}
 
 
