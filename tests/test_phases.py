@@ -130,6 +130,13 @@ def test_train_pairs_gives_every_iteration_exactly_the_budget(tmp_path, n_mix, b
     train.fold_twin(ctx, 2, 0)
     train.run(ctx, 2)
     assert ctx.backend.epochs[-2:] == [3, None]  # the twin trains 3 epochs, the policy as before
+    soft = context(tmp_path / "soft", select_mode="soft", crossfit_folds=2, review_refit="frozen")
+    soft.rows, soft.flip_prior = ctx.rows, 0.3
+    train.first_pass(soft)
+    assert {r["confidence"] for r in soft.backend.trained[-1][1]} == {0.7}  # pi_1: cDPO at the prior
+    train.fold_twin(soft, 1, 1)
+    twin_rows = soft.backend.trained[-1][1]
+    assert twin_rows and not any("confidence" in r for r in twin_rows)  # its twin: the labels as given
     train.fold_twin(ctx, 1, 0)
     assert ctx.backend.trained[-1][2] == ctx.layout.policy(0)  # the chain starts at pi_0
     ctx.layout.reference_rule = "previous"  # --sera.reference previous: the twin's reference is its own chain's
