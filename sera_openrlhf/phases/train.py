@@ -79,7 +79,7 @@ def fold_twin(ctx: RunContext, t: int, k: int) -> dict:
     rows = read_jsonl(path) if os.path.exists(path) else ctx.rows
     fold_of = dict(zip((r["id"] for r in ctx.rows), folds(ctx)))
     # a twin only reviews, so it learns the labels as given, without soft mode's confidences: cDPO smoothing at
-    # eps 0.3 shrinks each pair's push to 0.4x and left one-epoch twins at chance (AUROC 0.50-0.52 vs 0.57-0.60)
+    # eps 0.3 shrinks each pair's push to 0.4x and left one-epoch twins at chance (flip AUROC 0.51 vs 0.555)
     rows = [{key: v for key, v in r.items() if key != "confidence"} for r in rows
             if fold_of.get(r.get("source_id", r["id"])) != k]
     stats = ctx.backend.train(f"iter{t}_fold{k}", rows, ctx.layout.fold_start(t, k), ctx.layout.fold_reference(t, k),
