@@ -58,8 +58,8 @@ METHODS = {
     "sera_soft": ("SeRA-SS, soft calibrated review (out of fold, frozen; prior eps = 0.3)", False,
                   ["--sera.generated_share_max", "0", "--sera.select_mode", "soft", "--model.label_smoothing",
                    str(FLIP), "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2"]),
-    # the same out-of-fold review with twins trained as long as offline DPO (3 epochs, not the 1 of an iteration):
-    # the validity check's 3-epoch twins review at AUROC 0.62 vs 0.59 for 1-epoch ones (docs/results.md)
+    # the out-of-fold review with twins trained as long as offline DPO (3 epochs, not the 1 of an iteration); on
+    # seeds 1-2 its flip AUROC was 0.587 against 0.555 for 1-epoch twins (docs/results.md, "fold twins")
     "sera_ss_oof": ("SeRA-SS, hard cut on the out-of-fold review (frozen, twins 3 epochs)", False,
                     ["--sera.generated_share_max", "0", "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2",
                      "--sera.fold_epochs", "3"]),
