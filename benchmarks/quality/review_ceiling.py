@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import metrics as M  # noqa: E402
+import review_information as RI  # noqa: E402
 import run as R  # noqa: E402
 import smollm2 as S  # noqa: E402
 import validity as V  # noqa: E402
@@ -71,14 +72,11 @@ def seed_rows(seed_dir, twins, gold_fn):
         held = S.heldout_pairs(R.read_jsonl(os.path.join(seed_dir, "heldout_samples.jsonl")), gold_fn)
         if len(held) != len(init[0]):
             raise SystemExit(f"{seed_dir}: {len(held)} held-out pairs rebuilt, the cache has {len(init[0])}")
-        pairs = R.read_jsonl(os.path.join(seed_dir, "pairs.jsonl"))
-        oof, flipped = [], []
         for k in (0, 1):  # twin k trained on the other fold and scored fold k (smollm2.validity)
             policy = json.load(open(os.path.join(seed_dir, f"fold{k}", "sera_state.json")))["final_policy"]
             out[f"fold{k}"] = strength(S.irm(S.logps_cache(cache_path, f"heldout_fold{k}", policy, held), init))
-            oof += S.irm(cache[f"fold{k}_policy"], cache[f"fold{k}_init"])
-            flipped += [r["flipped"] for i, r in enumerate(pairs) if i % 2 == k]
-        out["fold twins, measured out of fold"] = {"auroc": V.auroc([-m for m in oof], flipped), "n": len(oof)}
+        oof, flipped = RI.oof_irm(seed_dir)
+        out["fold twins, measured out of fold"] = V.check_flip_detection(oof.tolist(), flipped.tolist())
     return out
 
 
