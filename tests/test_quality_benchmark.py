@@ -601,3 +601,30 @@ def test_review_ceiling_by_hand(tmp_path, capsys):
     (seed / "heldout_samples.jsonl").write_text(json.dumps({"prompt": "a", "texts": ["x 1", "x 3"]}) + "\n")
     with pytest.raises(SystemExit, match="1 held-out pairs rebuilt, the cache has 2"):
         rc.main(["--out", str(tmp_path), "--seeds", "0", "--twins", "--gold", f"{tmp_path / 'gold.py'}:gold"])
+
+
+def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
+    """The HH-RLHF table: seed 0 trains on the first block, other seeds on other blocks, none on a held-out pair;
+    the report's differences from DPO are paired per seed and pooled per held-out pair over seeds."""
+    sm = _load("smollm2")
+    rows = [{"id": k} for k in range(50)]
+    splits = [sm.hh_split(rows, 10, 12, s) for s in range(5)]
+    assert [s[2] for s in splits] == [0, 10, 20, 0, 10]  # 3 blocks fit before the 12 held-out rows, then wrap
+    for train, held, start in splits:
+        assert [r["id"] for r in held] == list(range(38, 50)) and [r["id"] for r in train] == list(range(start, start + 10))
+    with pytest.raises(SystemExit, match="too few for 40 training and 12 held-out"):
+        sm.hh_split(rows, 40, 12, 0)
+
+    def seed(s, dpo, ss):
+        return {"seed": s, "n_train": 10, "train_rows": [10 * s, 10 * s + 10], "n_heldout": 4,
+                "methods": {"dpo": {"heldout_accuracy": sum(dpo) / 4, "n_evaluated": 4, "correct": dpo,
+                                    "per_iteration": {"1": sum(dpo) / 4}},
+                            "sera_ss": {"heldout_accuracy": sum(ss) / 4, "n_evaluated": 4, "correct": ss,
+                                        "per_iteration": {"1": 0.5, "2": sum(ss) / 4}}}}
+
+    lines = sm.hh_lines([seed(0, [1, 1, 0, 0], [1, 1, 1, 0]), seed(1, [1, 0, 0, 0], [1, 1, 1, 1])])
+    dpo, ss = (next(x for x in lines if x.startswith(f"| {sm.METHODS[m][0]} |")) for m in ("dpo", "sera_ss"))
+    assert "seeds 0 (pairs 0-9), 1 (pairs 10-19)" in "\n".join(lines)
+    assert "| 0.500, 0.250 | – | – |" in dpo and not any("cDPO" in x for x in lines)  # cdpo not run: no row
+    # per seed +0.25 and +0.75; pooled: per-pair means (1, 1, 1, 0.5) - (1, 0.5, 0, 0) = +0.5
+    assert "| 0.750, 1.000 | +0.250 [" in ss and "| +0.500 [" in ss and "| 1: 0.500, 2: 0.750 |" in ss

@@ -359,14 +359,49 @@ def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, 
 
 # ------------------------------------------------------------------------------------------- real human labels
 
-HH_METHODS = ("dpo", "cdpo", "sera_ss")
+HH_METHODS = ("dpo", "sera_ss", "cdpo")  # the target's comparison (SeRA-SS vs DPO) first
 
 
-def hh_table(out, cfg, model, seed, threads, precision):
-    """SmolLM2 trained on HH-RLHF harmless-base pairs (the project's embedded chat-format file: the first
-    `hh_train` pairs) by DPO, cDPO and SeRA-SS with equal training pairs; each final policy's implicit reward is
-    scored on the last `hh_eval` pairs of the file (never trained on) through the product's --eval.dataset:
-    the share of held-out human preferences it orders correctly."""
+def hh_split(rows, n_train, n_eval, seed):
+    """(train rows, held-out rows, index of the first train row): every seed is judged on the last `n_eval`
+    rows; seed s trains on the s-th block of `n_train` rows before them (seed 0: the first rows), wrapping round
+    when the blocks run out, so seeds differ in their training pairs and never see a held-out one."""
+    n_blocks = (len(rows) - n_eval) // n_train
+    if n_blocks < 1:
+        raise SystemExit(f"quality: the HH-RLHF file has {len(rows)} pairs, too few for {n_train} training and "
+                         f"{n_eval} held-out pairs")
+    start = (seed % n_blocks) * n_train
+    return rows[start: start + n_train], rows[len(rows) - n_eval:], start
+
+
+def hh_correct(model, policy, held, cache, key):
+    """Per held-out pair: 1 when the policy's implicit reward (vs the initial model) prefers the human-chosen
+    response. Scored on the chat-formatted conversation (the product's --eval.dataset accuracy is the same measure
+    after its --data.max_len truncation), so methods can be compared pair by pair."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in held]
+
+    def lp(path, name):  # [chosen log-prob sums, rejected log-prob sums], cached per model
+        out = []
+        for side in ("chosen", "rejected"):
+            def ids(t, p, r, side=side):
+                return t(t.apply_chat_template(r["prompt"] + r[side], tokenize=False), add_special_tokens=False)[
+                    "input_ids"]
+            out.append(cached(cache, f"{name}_{side}", lambda: R.score_responses(path, prompts, held, ids)[0]))
+        return out
+
+    init, pol = lp(model, "init"), lp(policy, key)
+    return [int(m > 0) for m in irm(pol, init)]
+
+
+def hh_table(out, cfg, model, seed, threads, precision, methods=HH_METHODS):
+    """SmolLM2 trained on `hh_train` HH-RLHF harmless-base pairs (the project's embedded chat-format file; a
+    different block per seed, see hh_split) by DPO, SeRA-SS and cDPO with equal training pairs; each final policy's
+    implicit reward is scored on the last `hh_eval` pairs of the file (never trained on) through the product's
+    --eval.dataset (the share of held-out human preferences it orders correctly), and pair by pair for paired
+    differences against DPO. Written to OUT/hh_seed_<s>/hh.json."""
     from sera_openrlhf.assets import default_dataset_path
 
     if not cfg["hh_train"]:
@@ -374,7 +409,7 @@ def hh_table(out, cfg, model, seed, threads, precision):
     hh_dir = os.path.join(out, f"hh_seed_{seed}")
     os.makedirs(hh_dir, exist_ok=True)
     rows = R.read_jsonl(default_dataset_path(chat=True))
-    train, held = rows[: cfg["hh_train"]], rows[-cfg["hh_eval"]:]
+    train, held, start = hh_split(rows, cfg["hh_train"], cfg["hh_eval"], seed)
     assert not {r["id"] for r in train} & {r["id"] for r in held}
     paths = {}
     for name, part in (("train", train), ("heldout", held)):
@@ -382,8 +417,10 @@ def hh_table(out, cfg, model, seed, threads, precision):
         if not os.path.exists(paths[name]):
             R.write_jsonl(paths[name], part)
     hh_cfg = {**cfg, "max_len": 192, "micro_batch_size": 4}
-    result = {"n_train": len(train), "n_heldout": len(held), "methods": {}}
-    for name in HH_METHODS:
+    result = {"seed": seed, "n_train": len(train), "train_rows": [start, start + len(train)],
+              "n_heldout": len(held), "methods": {}}
+    cache = os.path.join(hh_dir, "measure_cache.json")
+    for name in methods:
         run_dir = os.path.join(hh_dir, name)
         cmd = command(name, model, paths["train"], len(train), hh_cfg, hh_dir, seed, run_dir, precision)
         cmd += ["--data.apply_chat_template", "--eval.dataset", paths["heldout"], "--sera.prompts",
@@ -398,8 +435,48 @@ def hh_table(out, cfg, model, seed, threads, precision):
         result["methods"][name] = {"heldout_accuracy": ev.get("acc_mean"), "heldout_loss": ev.get("eval_loss"),
                                    "n_evaluated": ev.get("n", len(held)),
                                    "per_iteration": {t: (v.get("train", {}).get("eval") or {}).get("acc_mean")
-                                                     for t, v in state["iterations"].items()}}
+                                                     for t, v in state["iterations"].items()},
+                                   "correct": hh_correct(model, state["final_policy"], held, cache, name)}
+    R.write_text(os.path.join(hh_dir, "hh.json"), json.dumps(result, indent=1))
     return result
+
+
+def hh_lines(hh):
+    """The HH-RLHF table of results.md: per method the product's held-out accuracy (mean over seeds, Wilson
+    interval over all judgements) and, pair by pair, the difference from DPO (per seed, and pooled: each held-out
+    pair's correctness averaged over seeds, bootstrapped over pairs)."""
+    seeds = ", ".join(f"{s['seed']} (pairs {s['train_rows'][0]}-{s['train_rows'][1] - 1})" for s in hh
+                      if "train_rows" in s)
+    lines = ["", "## Real human labels: held-out HH-RLHF harmless-base pairs", "",
+             f"SmolLM2 trained on {hh[0]['n_train']} pairs of the embedded HH-RLHF harmless-base file (chat format; "
+             f"seeds {seeds or '0 (the first pairs)'}) with equal training pairs per method; share of the last "
+             f"{hh[0]['n_heldout']} pairs (never trained on) whose human-preferred response gets the higher implicit "
+             "reward (the product's --eval.dataset accuracy after the last iteration; chance 0.5). vs DPO: the "
+             "same measure pair by pair (untruncated conversations), paired 95 % bootstrap over held-out pairs.",
+             "", "| method | held-out preference accuracy [95 % Wilson] | per seed | vs DPO, per seed | "
+             "vs DPO, pooled | per iteration (first seed) |", "|---|---|---|---|---|---|"]
+    for name in [m for m in HH_METHODS if any(m in s["methods"] for s in hh)]:
+        runs = [s["methods"].get(name, {}) for s in hh]
+        accs = [r["heldout_accuracy"] for r in runs if r.get("heldout_accuracy") is not None]
+        if not accs:
+            lines.append(f"| {METHODS[name][0]} | – | – | – | – | – |")
+            continue
+        n_eval = sum(r.get("n_evaluated", s["n_heldout"]) for r, s in zip(runs, hh) if "heldout_accuracy" in r)
+        lo, hi = wilson(V.mean(accs), n_eval)
+        both = [(r["correct"], s["methods"]["dpo"]["correct"]) for r, s in zip(runs, hh)
+                if "correct" in r and "correct" in s["methods"].get("dpo", {})]
+        per_seed = pooled = "–"
+        if name != "dpo" and both:
+            per_seed = ", ".join(fmt_ci(d["diff"], d["lo"], d["hi"], signed=True)
+                                 for d in (M.paired_difference(a, b) for a, b in both))
+            avg = lambda cols: [sum(c) / len(c) for c in zip(*cols)]  # noqa: E731
+            d = M.paired_difference(avg([a for a, _ in both]), avg([b for _, b in both]))
+            pooled = fmt_ci(d["diff"], d["lo"], d["hi"], signed=True)
+        per = runs[0].get("per_iteration", {})
+        lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | "
+                     + ", ".join(f"{a:.3f}" for a in accs) + f" | {per_seed} | {pooled} | "
+                     + ", ".join(f"{t}: {a:.3f}" for t, a in sorted(per.items()) if a is not None) + " |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- validity sweep
@@ -570,22 +647,7 @@ def write_report(out, table, checks, methods, info):
         lines.append(f"| {what} | **failed**: {err} |" + " |" * 11)
     hh = [s for s in info.get("hh", []) if s]
     if hh:
-        lines += ["", "## Real human labels: held-out HH-RLHF harmless-base pairs", "",
-                  f"SmolLM2 trained on the first {hh[0]['n_train']} pairs of the embedded HH-RLHF harmless-base "
-                  f"file (chat format) with equal training pairs per method; share of the last {hh[0]['n_heldout']} "
-                  "pairs (never trained on) whose human-preferred response gets the higher implicit reward "
-                  "(the product's --eval.dataset accuracy after the last iteration; chance 0.5).", "",
-                  "| method | held-out preference accuracy [95 % Wilson interval] | per iteration |",
-                  "|---|---|---|"]
-        for name in HH_METHODS:
-            accs = [s["methods"].get(name, {}).get("heldout_accuracy") for s in hh]
-            accs = [a for a in accs if a is not None]
-            per = hh[0]["methods"].get(name, {}).get("per_iteration", {})
-            n_eval = sum(s["methods"].get(name, {}).get("n_evaluated", s["n_heldout"]) for s in hh)
-            lo, hi = wilson(V.mean(accs), n_eval) if accs else (None, None)
-            lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | "
-                         + ", ".join(f"{t}: {a:.3f}" for t, a in sorted(per.items()) if a is not None) + " |"
-                         if accs else f"| {METHODS[name][0]} | – | – |")
+        lines += hh_lines(hh)
     text = "\n".join(lines) + "\n"
     R.write_text(os.path.join(out, "results.md"), text)
     return text
@@ -646,7 +708,14 @@ def main(argv):
                          "2x384 4x96 4x192 (S samples per prompt, P prompts <= the size's prompts); first seed only")
     ap.add_argument("--no-hh", action="store_true",
                     help="skip the HH-RLHF human-label table (e.g. for a second invocation that only runs --sweep)")
+    ap.add_argument("--hh-only", action="store_true",
+                    help="only the HH-RLHF human-label table for --seeds (each seed its own block of training pairs), "
+                         "written to OUT/hh.md; no VADER runs")
+    ap.add_argument("--hh-methods", nargs="+", default=list(HH_METHODS), choices=HH_METHODS,
+                    help="the methods of the HH-RLHF table (DPO always: every difference is taken against it)")
     args = ap.parse_args(argv)
+    if "dpo" not in args.hh_methods:
+        args.hh_methods.insert(0, "dpo")
     for need in ("dpo", "dpo_clean"):  # the validity checks and the baseline of every comparison
         if need not in args.methods:
             args.methods.insert(0, need)
@@ -662,6 +731,17 @@ def main(argv):
     model = model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     t0 = time.time()
+    if args.hh_only:
+        if not SIZES[args.size]["hh_train"]:
+            raise SystemExit(f"--hh-only: --size {args.size} has no HH-RLHF table (use --size default)")
+        hh = []
+        for seed in args.seeds:
+            hh.append(hh_table(out, {**cfg, "hh_train": SIZES[args.size]["hh_train"]}, model, seed, args.threads,
+                               args.precision, args.hh_methods))
+            md = "\n".join(["# " + " ".join(["python benchmarks/quality/run.py"] + list(argv))] + hh_lines(hh))
+            R.write_text(os.path.join(out, "hh.md"), md + "\n")
+            R.log(f"seed {seed} done\n{md}")
+        return 1 if any("error" in m for s in hh for m in s["methods"].values()) else 0
     per_seed = []
     for seed in args.seeds:
         per_seed.append(seed_run(out, seed, cfg, args.methods, gold_fn, spurious_fn, args.threads, args.precision,
