@@ -442,8 +442,8 @@ def hh_table(out, cfg, model, seed, threads, precision, methods=HH_METHODS):
 
 
 def hh_lines(hh):
-    """The HH-RLHF table of results.md: per method the product's held-out accuracy (mean over seeds, Wilson
-    interval over all judgements) and, pair by pair, the difference from DPO (per seed, and pooled: each held-out
+    """The HH-RLHF table of results.md: per method the product's held-out accuracy (mean over seeds; Wilson
+    interval over the held-out pairs, not over pairs x seeds: the seeds judge the same pairs) and, pair by pair, the difference from DPO (per seed, and pooled: each held-out
     pair's correctness averaged over seeds, bootstrapped over pairs)."""
     seeds = ", ".join(f"{s['seed']} (pairs {s['train_rows'][0]}-{s['train_rows'][1] - 1})" for s in hh
                       if "train_rows" in s)
@@ -461,7 +461,7 @@ def hh_lines(hh):
         if not accs:
             lines.append(f"| {METHODS[name][0]} | – | – | – | – | – |")
             continue
-        n_eval = sum(r.get("n_evaluated", s["n_heldout"]) for r, s in zip(runs, hh) if "heldout_accuracy" in r)
+        n_eval = max(r.get("n_evaluated", s["n_heldout"]) for r, s in zip(runs, hh) if "heldout_accuracy" in r)
         lo, hi = wilson(V.mean(accs), n_eval)
         both = [(r["correct"], s["methods"]["dpo"]["correct"]) for r, s in zip(runs, hh)
                 if "correct" in r and "correct" in s["methods"].get("dpo", {})]
