@@ -359,7 +359,8 @@ def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, 
 
 # ------------------------------------------------------------------------------------------- real human labels
 
-HH_METHODS = ("dpo", "sera_ss", "cdpo")  # the target's comparison (SeRA-SS vs DPO) first
+HH_METHODS = ("dpo", "sera_ss", "cdpo", "sera_ss_oof")  # table order: the target's comparison (SeRA-SS vs DPO) first
+HH_DEFAULT = HH_METHODS[:3]  # the out-of-fold arm only on request (--hh-methods): it trains twice as much
 
 
 def hh_split(rows, n_train, n_eval, seed):
@@ -396,7 +397,7 @@ def hh_correct(model, policy, held, cache, key):
     return [int(m > 0) for m in irm(pol, init)]
 
 
-def hh_table(out, cfg, model, seed, threads, precision, methods=HH_METHODS):
+def hh_table(out, cfg, model, seed, threads, precision, methods=HH_DEFAULT):
     """SmolLM2 trained on `hh_train` HH-RLHF harmless-base pairs (the project's embedded chat-format file; a
     different block per seed, see hh_split) by DPO, SeRA-SS and cDPO with equal training pairs; each final policy's
     implicit reward is scored on the last `hh_eval` pairs of the file (never trained on) through the product's
@@ -424,7 +425,7 @@ def hh_table(out, cfg, model, seed, threads, precision, methods=HH_METHODS):
         run_dir = os.path.join(hh_dir, name)
         cmd = command(name, model, paths["train"], len(train), hh_cfg, hh_dir, seed, run_dir, precision)
         cmd += ["--data.apply_chat_template", "--eval.dataset", paths["heldout"], "--sera.prompts",
-                paths["train"]]  # bootstrapping is off for these three; --sera.prompts only has to exist
+                paths["train"]]  # bootstrapping is off for all of them; --sera.prompts only has to exist
         _, wall, rc = R.run_method(f"hh_{name}", cmd, run_dir, seed, env(threads))
         if rc:
             result["methods"][name] = {"error": f"exit {rc}, see {run_dir}/stdout.log"}
@@ -711,7 +712,7 @@ def main(argv):
     ap.add_argument("--hh-only", action="store_true",
                     help="only the HH-RLHF human-label table for --seeds (each seed its own block of training pairs), "
                          "written to OUT/hh.md; no VADER runs")
-    ap.add_argument("--hh-methods", nargs="+", default=list(HH_METHODS), choices=HH_METHODS,
+    ap.add_argument("--hh-methods", nargs="+", default=list(HH_DEFAULT), choices=HH_METHODS,
                     help="the methods of the HH-RLHF table (DPO always: every difference is taken against it)")
     args = ap.parse_args(argv)
     if "dpo" not in args.hh_methods:
