@@ -605,7 +605,8 @@ def test_review_ceiling_by_hand(tmp_path, capsys):
 
 def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
     """The HH-RLHF table: seed 0 trains on the first block, other seeds on other blocks, none on a held-out pair;
-    the report's differences from DPO are paired per seed and pooled per held-out pair over seeds."""
+    the report's accuracies and differences from DPO come from the pair-by-pair scores (paired per seed, pooled per
+    held-out pair over seeds), the product's own evaluation stands beside them."""
     sm = _load("smollm2")
     rows = [{"id": k} for k in range(50)]
     splits = [sm.hh_split(rows, 10, 12, s) for s in range(5)]
@@ -617,14 +618,14 @@ def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
 
     def seed(s, dpo, ss):
         return {"seed": s, "n_train": 10, "train_rows": [10 * s, 10 * s + 10], "n_heldout": 4,
-                "methods": {"dpo": {"heldout_accuracy": sum(dpo) / 4, "n_evaluated": 4, "correct": dpo,
-                                    "per_iteration": {"1": sum(dpo) / 4}},
-                            "sera_ss": {"heldout_accuracy": sum(ss) / 4, "n_evaluated": 4, "correct": ss,
-                                        "per_iteration": {"1": 0.5, "2": sum(ss) / 4}}}}
+                "methods": {"dpo": {"heldout_accuracy": 0.6, "n_evaluated": 4, "correct": dpo,
+                                    "per_iteration": {"1": 0.6}},
+                            "sera_ss": {"heldout_accuracy": 0.6 if s == 0 else None, "n_evaluated": 4, "correct": ss,
+                                        "per_iteration": {"1": 0.5, "2": 0.6}}}}
 
     lines = sm.hh_lines([seed(0, [1, 1, 0, 0], [1, 1, 1, 0]), seed(1, [1, 0, 0, 0], [1, 1, 1, 1])])
     dpo, ss = (next(x for x in lines if x.startswith(f"| {sm.METHODS[m][0]} |")) for m in ("dpo", "sera_ss"))
     assert "seeds 0 (pairs 0-9), 1 (pairs 10-19)" in "\n".join(lines)
-    assert "| 0.500, 0.250 | – | – |" in dpo and not any("cDPO" in x for x in lines)  # cdpo not run: no row
+    assert "| 0.500, 0.250 | 0.600, 0.600 | – | – |" in dpo and not any("cDPO" in x for x in lines)  # not run: no row
     # per seed +0.25 and +0.75; pooled: per-pair means (1, 1, 1, 0.5) - (1, 0.5, 0, 0) = +0.5
-    assert "| 0.750, 1.000 | +0.250 [" in ss and "| +0.500 [" in ss and "| 1: 0.500, 2: 0.750 |" in ss
+    assert "| 0.750, 1.000 | 0.600, – | +0.250 [" in ss and "| +0.500 [" in ss and "| 1: 0.500, 2: 0.600 |" in ss

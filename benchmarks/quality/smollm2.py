@@ -377,8 +377,9 @@ def hh_split(rows, n_train, n_eval, seed):
 
 def hh_correct(model, policy, held, cache, key):
     """Per held-out pair: 1 when the policy's implicit reward (vs the initial model) prefers the human-chosen
-    response. Scored on the chat-formatted conversation (the product's --eval.dataset accuracy is the same measure
-    after its --data.max_len truncation), so methods can be compared pair by pair."""
+    response, so methods can be compared pair by pair. The conversation is formatted as OpenRLHF's RewardDataset
+    does (chat template, trailing newlines stripped, EOS last), so this is the product's --eval.dataset accuracy
+    up to its --data.max_len truncation and batching."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -388,9 +389,10 @@ def hh_correct(model, policy, held, cache, key):
         out = []
         for side in ("chosen", "rejected"):
             def ids(t, p, r, side=side):
-                return t(t.apply_chat_template(r["prompt"] + r[side], tokenize=False), add_special_tokens=False)[
-                    "input_ids"]
-            out.append(cached(cache, f"{name}_{side}", lambda: R.score_responses(path, prompts, held, ids)[0]))
+                text = t.apply_chat_template(r["prompt"] + r[side], tokenize=False).rstrip("\n")
+                return t(text if text.endswith(t.eos_token) else text + " " + t.eos_token,
+                         add_special_tokens=False)["input_ids"]
+            out.append(cached(cache, f"{name}_{side}_eos", lambda: R.score_responses(path, prompts, held, ids)[0]))
         return out
 
     init, pol = lp(model, "init"), lp(policy, key)
@@ -443,27 +445,28 @@ def hh_table(out, cfg, model, seed, threads, precision, methods=HH_DEFAULT):
 
 
 def hh_lines(hh):
-    """The HH-RLHF table of results.md: per method the product's held-out accuracy (mean over seeds; Wilson
-    interval over the held-out pairs, not over pairs x seeds: the seeds judge the same pairs) and, pair by pair, the difference from DPO (per seed, and pooled: each held-out
-    pair's correctness averaged over seeds, bootstrapped over pairs)."""
-    seeds = ", ".join(f"{s['seed']} (pairs {s['train_rows'][0]}-{s['train_rows'][1] - 1})" for s in hh
-                      if "train_rows" in s)
+    """The HH-RLHF table of results.md. Per method: the share of held-out pairs ordered right, scored pair by pair in
+    fp32 (mean over seeds; Wilson interval over the held-out pairs, not pairs x seeds: the seeds judge the same
+    pairs), the product's own --eval.dataset accuracy per seed (in the run's precision: bf16 rounding flips pairs
+    whose margin is near 0), and the difference from DPO, paired per seed and pooled (each held-out pair's
+    correctness averaged over seeds, bootstrapped over pairs)."""
+    seeds = ", ".join(f"{s['seed']} (pairs {s['train_rows'][0]}-{s['train_rows'][1] - 1})" for s in hh)
     lines = ["", "## Real human labels: held-out HH-RLHF harmless-base pairs", "",
              f"SmolLM2 trained on {hh[0]['n_train']} pairs of the embedded HH-RLHF harmless-base file (chat format; "
-             f"seeds {seeds or '0 (the first pairs)'}) with equal training pairs per method; share of the last "
-             f"{hh[0]['n_heldout']} pairs (never trained on) whose human-preferred response gets the higher implicit "
-             "reward (the product's --eval.dataset accuracy after the last iteration; chance 0.5). vs DPO: the "
-             "same measure pair by pair (untruncated conversations), paired 95 % bootstrap over held-out pairs.",
-             "", "| method | held-out preference accuracy [95 % Wilson] | per seed | vs DPO, per seed | "
-             "vs DPO, pooled | per iteration (first seed) |", "|---|---|---|---|---|---|"]
+             f"seeds {seeds}) with equal training pairs per method; share of the last {hh[0]['n_heldout']} pairs "
+             "(never trained on) whose human-preferred response gets the higher implicit reward (chance 0.5), "
+             "scored pair by pair in fp32 with paired 95 % bootstrap differences from DPO over held-out pairs; "
+             "beside it the product's own --eval.dataset accuracy after the last iteration, in the run's precision.",
+             "", "| method | held-out accuracy [95 % Wilson] | per seed | --eval.dataset per seed | vs DPO, per seed | "
+             "vs DPO, pooled | --eval.dataset per iteration (first seed) |", "|---|---|---|---|---|---|---|"]
     for name in [m for m in HH_METHODS if any(m in s["methods"] for s in hh)]:
         runs = [s["methods"].get(name, {}) for s in hh]
-        accs = [r["heldout_accuracy"] for r in runs if r.get("heldout_accuracy") is not None]
-        if not accs:
-            lines.append(f"| {METHODS[name][0]} | – | – | – | – | – |")
+        correct = [r["correct"] for r in runs if "correct" in r]
+        if not correct:
+            lines.append(f"| {METHODS[name][0]} | – | – | – | – | – | – |")
             continue
-        n_eval = max(r.get("n_evaluated", s["n_heldout"]) for r, s in zip(runs, hh) if "heldout_accuracy" in r)
-        lo, hi = wilson(V.mean(accs), n_eval)
+        accs = [sum(c) / len(c) for c in correct]
+        lo, hi = wilson(V.mean(accs), max(len(c) for c in correct))
         both = [(r["correct"], s["methods"]["dpo"]["correct"]) for r, s in zip(runs, hh)
                 if "correct" in r and "correct" in s["methods"].get("dpo", {})]
         per_seed = pooled = "–"
@@ -473,9 +476,10 @@ def hh_lines(hh):
             avg = lambda cols: [sum(c) / len(c) for c in zip(*cols)]  # noqa: E731
             d = M.paired_difference(avg([a for a, _ in both]), avg([b for _, b in both]))
             pooled = fmt_ci(d["diff"], d["lo"], d["hi"], signed=True)
+        product = ", ".join("–" if r.get("heldout_accuracy") is None else f"{r['heldout_accuracy']:.3f}" for r in runs)
         per = runs[0].get("per_iteration", {})
-        lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | "
-                     + ", ".join(f"{a:.3f}" for a in accs) + f" | {per_seed} | {pooled} | "
+        lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | " + ", ".join(f"{a:.3f}" for a in accs)
+                     + f" | {product} | {per_seed} | {pooled} | "
                      + ", ".join(f"{t}: {a:.3f}" for t, a in sorted(per.items()) if a is not None) + " |")
     return lines
 
