@@ -249,13 +249,22 @@ class BootstrapConfig:
 class PrecisionConfig:
     """SeRA: precision (sera_openrlhf.precision)"""
 
-    precision: str = option("auto", "dtype of training, scoring and HF generation, written to --ds.param_dtype. "
+    precision: str = option("auto", "dtype of training, HF generation and the training's reference log-probs "
+                            "(the loop's other scoring: --sera.score_precision), written to --ds.param_dtype. "
                             "auto: bf16 on a CUDA GPU with bf16; on CPU bf16 only where the CPU has amx_bf16 or "
                             "avx512_bf16 and a short matmul probe (cached per CPU model and thread count) measures "
                             "it faster than fp32, else fp32. An explicit --ds.param_dtype wins over auto and "
                             "must agree with fp32/bf16. Acts whenever a --sera flag is given; without any, "
                             "the stock run keeps OpenRLHF's --ds.param_dtype (default bf16)",
                             choices=("auto", "fp32", "bf16"), stock=True)
+    score_precision: str = option("fp32", "dtype of the no-grad scoring passes of the loop (self-review, "
+                                  "bootstrapping judge, fluency guard, and their reference log-probs). fp32: "
+                                  "always fp32, whatever --sera.precision trains in: bf16 rounding moves a pair's "
+                                  "implicit reward margin by about as much as training does (measured: the same "
+                                  "review detected flipped labels at AUROC 0.57-0.60 in bf16, 0.62-0.63 in fp32), "
+                                  "at the cost of fp32 forwards and memory for scoring only. train: the training "
+                                  "dtype",
+                                  choices=("fp32", "train"))
 
 
 GROUPS = (LoopConfig, LossConfig, ScoringConfig, ReviewConfig, BootstrapConfig, PrecisionConfig)

@@ -1,4 +1,5 @@
-"""`--sera.precision {auto,fp32,bf16}`: one dtype for training, scoring and HF generation.
+"""`--sera.precision {auto,fp32,bf16}`: one dtype for training, scoring and HF generation (the loop's review,
+judge and fluency scoring run in fp32 by default instead: `--sera.score_precision`, `OpenRLHFBackend.scoring_dtype`).
 
 All three workloads take their dtype from OpenRLHF's `--ds.param_dtype` (`Actor(param_dtype=...)` for training and
 scoring, the DeepSpeed bf16 config, `openrlhf_adapter/generate.py` for HF generation), so precision is resolved

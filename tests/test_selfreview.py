@@ -141,6 +141,30 @@ def test_flipped_pairs_rank_low_and_are_dropped(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("score_precision", ["fp32", "train"])
+def test_review_scores_in_fp32_while_training_in_bf16(tiny_model, tmp_path, score_precision):
+    """--sera.score_precision fp32 (default): a run that trains in bf16 still reviews in fp32, so its implicit
+    rewards are the fp32 ones to 1e-4 (bf16 rounding moves a margin by about as much as training does); with
+    `train` the review runs in bf16 and the rounding shows."""
+    rows = tiny.preference_pairs(32, flip_share=0.25, seed=3)
+    data = tiny.write_jsonl(str(tmp_path / "noisy.jsonl"), rows)
+    run_dir = tmp_path / "run"
+    flags = base_flags(tiny_model, data, str(run_dir), "--adam.lr", "5e-4", "--model.beta", str(BETA),
+                       "--sera.enable", "--sera.iterations", "2", "--sera.generated_share_max", "0",
+                       "--sera.score_precision", score_precision)
+    flags[flags.index("--ds.param_dtype") + 1] = "bf16"
+    run_cli(flags)
+    state = json.loads((run_dir / "sera_state.json").read_text())
+    assert state["config"]["ds"]["param_dtype"] == "bf16" and state["precision"]["choice"] == "bf16"
+    review = read_jsonl(run_dir / "iter_2" / "review.jsonl")
+    expected = hf_review({r["id"]: str(run_dir / "iter_1" / "policy") for r in rows}, tiny_model, rows)
+    if score_precision == "fp32":
+        assert_review_matches(review, expected)
+    else:
+        assert max(abs(r["irm"] - expected[r["id"]][2]) for r in review) > 1e-3
+
+
+@pytest.mark.slow
 def test_crossfitted_review_scores_each_fold_with_the_other_folds_policy(tiny_model, tmp_path):
     """--sera.crossfit_folds 2: two fold policies are trained in iteration 1, each without its fold, for
     --sera.fold_epochs 2 epochs, and the review scores every pair with the policy that never saw it. Per-iteration

@@ -25,8 +25,9 @@ LABEL = {"init": "initial policy", "dpo": "offline DPO", "dpo_clean": "offline D
          "sera_judge": "full SeRA, conservative judge", "sera_ss": "SeRA-SS (self-review only)",
          "sera_soft": "SeRA-SS, soft review", "sera_keepall": "full SeRA, keep ratio 1.0",
          "sera_adaptive": "full SeRA, adaptive share", "sera_ss_oof": "SeRA-SS, out-of-fold review (3-epoch twins)",
-         "sera_soft_oof": "SeRA-SS, soft out-of-fold review (3-epoch twins)"}
-ORDER = ["init", "dpo", "dpo_clean", "cdpo", "iterdpo", "random", "sera_ss", "sera_ss_oof", "sera_soft",
+         "sera_soft_oof": "SeRA-SS, soft out-of-fold review (3-epoch twins)",
+         "sera_ss_oof_fp32": "SeRA-SS, out-of-fold review scored in fp32"}
+ORDER = ["init", "dpo", "dpo_clean", "cdpo", "iterdpo", "random", "sera_ss", "sera_ss_oof", "sera_ss_oof_fp32", "sera_soft",
          "sera_soft_oof", "sera", "sera_keepall", "sera_adaptive", "sera_judge"]
 COMP = [("sera", "dpo"), ("sera", "cdpo"), ("sera", "random"), ("sera", "iterdpo"), ("iterdpo", "dpo"), ("random", "dpo"),
         ("cdpo", "dpo"), ("dpo_clean", "dpo"), ("dpo", "init"), ("cdpo", "init"), ("sera", "init"),
@@ -34,7 +35,8 @@ COMP = [("sera", "dpo"), ("sera", "cdpo"), ("sera", "random"), ("sera", "iterdpo
         ("sera_soft", "cdpo"), ("sera_keepall", "dpo"), ("sera_keepall", "sera"), ("sera_keepall", "iterdpo"),
         ("sera_adaptive", "dpo"), ("sera_adaptive", "cdpo"), ("sera_adaptive", "sera"), ("sera_ss_oof", "dpo"),
         ("sera_ss_oof", "sera_ss"), ("sera_ss_oof", "random"), ("sera_soft_oof", "cdpo"), ("sera_soft_oof", "sera_soft"),
-        ("sera_soft_oof", "dpo")]
+        ("sera_soft_oof", "dpo"), ("sera_ss_oof_fp32", "dpo"), ("sera_ss_oof_fp32", "sera_ss_oof"),
+        ("sera_ss_oof_fp32", "random"), ("sera_ss_oof_fp32", "sera_ss")]
 SEED0 = {("sera", "dpo"): (0.040, -0.028, 0.107), ("iterdpo", "dpo"): (0.053, -0.005, 0.111),
          ("dpo_clean", "dpo"): (0.170, 0.103, 0.239), ("sera", "cdpo"): (0.108, 0.031, 0.184),
          ("random", "dpo"): (0.007, -0.043, 0.058), ("cdpo", "dpo"): (-0.069, -0.145, 0.007),

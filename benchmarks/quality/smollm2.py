@@ -63,6 +63,11 @@ METHODS = {
     "sera_ss_oof": ("SeRA-SS, hard cut on the out-of-fold review (frozen, twins 3 epochs)", False,
                     ["--sera.generated_share_max", "0", "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2",
                      "--sera.fold_epochs", "3"]),
+    # the same review scored in fp32 (--sera.score_precision fp32, the default since); on a bf16 machine the arm
+    # above scored it in bf16 (earlier product), so the two differ only in the review's precision there
+    "sera_ss_oof_fp32": ("SeRA-SS, hard cut on the out-of-fold review scored in fp32 (frozen, twins 3 epochs)", False,
+                         ["--sera.generated_share_max", "0", "--sera.review_refit", "frozen", "--sera.crossfit_folds",
+                          "2", "--sera.fold_epochs", "3", "--sera.score_precision", "fp32"]),
     "sera_soft_oof": ("SeRA-SS, soft calibrated review (frozen, twins 3 epochs; prior eps = 0.3)", False,
                       ["--sera.generated_share_max", "0", "--sera.select_mode", "soft", "--model.label_smoothing",
                        str(FLIP), "--sera.review_refit", "frozen", "--sera.crossfit_folds", "2",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -97,9 +98,28 @@ class OpenRLHFBackend:
                         if prompt_too_long(tokenizer, format_prompt(self.args, tokenizer, p["prompt"]), max_len)}
         return pairs, long_prompts
 
+    @contextmanager
+    def scoring_dtype(self):
+        """--sera.score_precision fp32: the scoring models load and run in fp32 (the DeepSpeed eval engine reads the
+        strategy's dtype, the Actor the args'); the reference cache keys on the dtype, so these reference log-probs
+        are cached apart from training's."""
+        if self.args.sera.score_precision != "fp32":
+            yield
+            return
+        saved = self.args.ds.param_dtype, self.strategy.param_dtype
+        self.args.ds.param_dtype = self.strategy.param_dtype = "fp32"
+        try:
+            yield
+        finally:
+            self.args.ds.param_dtype, self.strategy.param_dtype = saved
+
     def pair_rewards(self, policy: str, reference: str, rows) -> dict:
         """Implicit rewards of every pair under (policy, its reference): [N] tensors aligned with `ids`, plus the
-        ids of pairs skipped for an over-long prompt."""
+        ids of pairs skipped for an over-long prompt. In --sera.score_precision."""
+        with self.scoring_dtype():
+            return self._pair_rewards(policy, reference, rows)
+
+    def _pair_rewards(self, policy: str, reference: str, rows) -> dict:
         scorer = ScoringModel.load(self.args, self.strategy, policy)
         tokenizer = scorer.tokenizer
         dataset = build_dataset(self.args, tokenizer, rows, self.use_prompt_key)  # tokenised once, reused below
@@ -122,7 +142,11 @@ class OpenRLHFBackend:
     def sequence_logps(self, models: dict, rows) -> tuple[dict, list]:
         """Summed log-probs of each row's response token ids (`token_ids`, after its `prompt_ids`: the ids that
         were generated, never re-encoded text) under every model; `models` maps a directory to the tags it is
-        scored under. Returns ({tag: [logp per row]}, [response tokens per row])."""
+        scored under. Returns ({tag: [logp per row]}, [response tokens per row]). In --sera.score_precision."""
+        with self.scoring_dtype():
+            return self._sequence_logps(models, rows)
+
+    def _sequence_logps(self, models: dict, rows) -> tuple[dict, list]:
         sequences = [(r["prompt_ids"] + r["token_ids"], len(r["prompt_ids"])) for r in rows]
         logps, n_tokens = {}, []
         rank, world = scoring_shard(self.strategy)
