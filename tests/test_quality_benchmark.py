@@ -629,3 +629,19 @@ def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
     assert "| 0.500, 0.250 | 0.600, 0.600 | – | – |" in dpo and not any("cDPO" in x for x in lines)  # not run: no row
     # per seed +0.25 and +0.75; pooled: per-pair means (1, 1, 1, 0.5) - (1, 0.5, 0, 0) = +0.5
     assert "| 0.750, 1.000 | 0.600, – | +0.250 [" in ss and "| +0.500 [" in ss and "| 1: 0.500, 2: 0.600 |" in ss
+
+
+def test_review_precision_compare_by_hand():
+    """review_precision.compare: correlation, shared sign, RMS difference and both AUROCs on hand-made margins."""
+    rp = _load("review_precision")
+    run = [0.3, -0.1, 0.2, -0.4]
+    fp32 = [0.3, 0.1, 0.2, -0.2]  # pair 1 changes sign
+    flipped = [False, False, False, True]
+    r = rp.compare(run, fp32, flipped)
+    assert r["n"] == 4 and r["same_sign"] == 0.75
+    assert r["rms_difference"] == pytest.approx(((0.2 ** 2 + 0.2 ** 2) / 4) ** 0.5)
+    # deviations (0.3, -0.1, 0.2, -0.4) and (0.2, 0, 0.1, -0.3): 0.20 / sqrt(0.30 * 0.14)
+    assert r["corr"] == pytest.approx(0.20 / (0.30 * 0.14) ** 0.5)
+    # the flipped pair has the lowest margin both ways: AUROC 1; a flipped pair ranked second lowest: 2/3
+    assert r["auroc_run"] == r["auroc_fp32"] == 1.0
+    assert rp.compare(run, fp32, [False, True, False, False])["auroc_run"] == pytest.approx(2 / 3)
