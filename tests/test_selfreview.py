@@ -251,6 +251,10 @@ def test_frozen_review_scores_with_the_first_pass_policy(tiny_model, tiny_data, 
     assert_review_matches(review2, expected)
     assert_review_matches(review3, expected)
     assert {r["id"]: r["irm"] for r in review2} == {r["id"]: r["irm"] for r in review3}
+    # scored once: review 3 reads review 2's scores back instead of loading pi_1 again
+    state = json.loads((run_dir / "sera_state.json").read_text())
+    assert "scored_per_rank" in state["iterations"]["2"]["review"]
+    assert "scored_per_rank" not in state["iterations"]["3"]["review"]
     # pi_2 (trained before review 3) scores differently, so review 3 really did not use it
     policy_2 = str(run_dir / "iter_2" / "policy")
     pi2 = hf_review({r["id"]: policy_2 for r in rows}, tiny_model, rows)

@@ -395,7 +395,9 @@ def count_tokens(run_dir, tokenizer, max_len):
             train_tok += int(sum(pair_tokens(r) for r in rows) * epochs * (k - 1))  # K fold runs on (K-1)/K each
             train_pairs += len(rows) * epochs * (k - 1)
         rv = os.path.join(d, "review.jsonl")
-        if os.path.exists(rv):
+        # only a review that scored anything (a frozen one is scored at iteration 2 and read back after)
+        review_stats = state["iterations"].get(d.rsplit("_", 1)[1], {}).get("review") or {}
+        if os.path.exists(rv) and review_stats.get("scored_per_rank"):
             score_tok += sum(r["chosen_len"] + r["rejected_len"] for r in read_jsonl(rv))
         sm = os.path.join(d, "samples.jsonl")
         if os.path.exists(sm):

@@ -2,7 +2,7 @@
 
 Which policies score the pairs is --sera.review_refit: `current` π_{t-1} (in-sample); `crossfit` fold k by π_{t-1}'s
 twin trained without fold k; `frozen` the iteration-1 policies (fold twins of π_1, else π_1 itself), so the
-review is the same every iteration; `prequential` no scoring pass at all: each pair's implicit rewards in the
+review is the same every iteration (scored at iteration 2, read back from its review.jsonl after); `prequential` no scoring pass at all: each pair's implicit rewards in the
 forward of iteration 1 that first trained on it, when the policy had not seen it yet (train_margins.jsonl).
 Writes review.jsonl (every pair) and kept.jsonl (the kept pairs).
 """
@@ -65,17 +65,28 @@ def prequential(ctx: RunContext) -> dict:
             **{k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in SCORE_COLUMNS}}
 
 
+def first_review_scores(ctx: RunContext) -> dict:
+    """The pair-rewards table of iteration 2's review, read back from its review.jsonl (in its order)."""
+    rows = read_jsonl(ctx.layout.review(2))
+    scored = {r["id"] for r in rows}
+    return {"ids": [r["id"] for r in rows], "too_long": [str(r["id"]) for r in ctx.rows if str(r["id"]) not in scored],
+            **{k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in SCORE_COLUMNS}}
+
+
 def score(ctx: RunContext, t: int):
     """Implicit rewards of every offline pair, and the fold of each id (empty without cross-fitting)."""
     if ctx.cfg.review.review_refit == "prequential":
         return prequential(ctx), {}
     n_folds, s = ctx.cfg.review.crossfit_folds, scoring_iteration(ctx, t)
+    fold_of = dict(zip((r["id"] for r in ctx.rows), folds(ctx))) if n_folds >= 2 else {}
+    if ctx.cfg.review.review_refit == "frozen" and t > 2:  # the same policies on the same pairs: same scores
+        return first_review_scores(ctx), fold_of
     if n_folds >= 2:
         parts = [ctx.backend.pair_rewards(ctx.layout.fold_policy(s, k), ctx.layout.fold_reference(s, k),
                                           fold_rows(ctx, k, held_out=True)) for k in range(n_folds)]
         scores = {key: (sum((p[key] for p in parts), []) if isinstance(parts[0][key], list)
                         else torch.cat([p[key] for p in parts])) for key in parts[0]}
-        return scores, dict(zip((r["id"] for r in ctx.rows), folds(ctx)))
+        return scores, fold_of
     return ctx.backend.pair_rewards(ctx.layout.policy(s), ctx.layout.reference(s), ctx.rows), {}
 
 
