@@ -27,8 +27,8 @@ LABEL = {"init": "initial policy", "dpo": "offline DPO", "dpo_clean": "offline D
          "sera_adaptive": "full SeRA, adaptive share", "sera_ss_oof": "SeRA-SS, out-of-fold review (3-epoch twins)",
          "sera_soft_oof": "SeRA-SS, soft out-of-fold review (3-epoch twins)",
          "sera_ss_oof_fp32": "SeRA-SS, out-of-fold review scored in fp32"}
-ORDER = ["init", "dpo", "dpo_clean", "cdpo", "iterdpo", "random", "sera_ss", "sera_ss_oof", "sera_ss_oof_fp32", "sera_soft",
-         "sera_soft_oof", "sera", "sera_keepall", "sera_adaptive", "sera_judge"]
+ORDER = ["init", "dpo", "dpo_clean", "cdpo", "iterdpo", "random", "sera_ss", "sera_ss_oof", "sera_ss_oof_fp32",
+         "sera_soft", "sera_soft_oof", "sera", "sera_keepall", "sera_adaptive", "sera_judge"]
 COMP = [("sera", "dpo"), ("sera", "cdpo"), ("sera", "random"), ("sera", "iterdpo"), ("iterdpo", "dpo"), ("random", "dpo"),
         ("cdpo", "dpo"), ("dpo_clean", "dpo"), ("dpo", "init"), ("cdpo", "init"), ("sera", "init"),
         ("sera_judge", "sera"), ("sera_judge", "dpo"), ("sera_ss", "dpo"), ("sera_ss", "random"), ("sera_soft", "dpo"),

@@ -30,13 +30,15 @@ from sera_openrlhf.fileio import atomic_write_json, atomic_write_text  # noqa: E
 
 def compare(run_irm, fp32_irm, flipped) -> dict:
     """The run's margins against the fp32 ones of the same pairs: correlation, share with the same sign, the RMS
-    of their difference against the spread of the margins, and each one's flip-detection AUROC (a flipped pair
-    should get the lower margin)."""
+    of their difference against the spread of the margins, and each one's flip-detection AUROC with its bootstrap
+    interval (validity check 3: a flipped pair should get the lower margin)."""
     diff = [a - b for a, b in zip(run_irm, fp32_irm)]
+    run, fp32 = V.check_flip_detection(run_irm, flipped), V.check_flip_detection(fp32_irm, flipped)
     return {"n": len(run_irm), "corr": statistics.correlation(run_irm, fp32_irm),
             "same_sign": sum((a > 0) == (b > 0) for a, b in zip(run_irm, fp32_irm)) / len(run_irm),
             "sd_margin_fp32": statistics.pstdev(fp32_irm), "rms_difference": statistics.fmean(d * d for d in diff) ** 0.5,
-            "auroc_run": V.auroc([-x for x in run_irm], flipped), "auroc_fp32": V.auroc([-x for x in fp32_irm], flipped)}
+            "auroc_run": run["auroc"], "auroc_run_ci": [run["lo"], run["hi"]],
+            "auroc_fp32": fp32["auroc"], "auroc_fp32_ci": [fp32["lo"], fp32["hi"]]}
 
 
 def scorers(run_dir, state, t, review):
@@ -94,7 +96,8 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['seed']} | {r['precision']} / {r['score_precision']} | {r['n']} | {r['corr']:.3f} | "
                      f"{r['same_sign']:.3f} | {r['rms_difference']:.3f} / {r['sd_margin_fp32']:.3f} | "
-                     f"{r['auroc_run']:.3f} | {r['auroc_fp32']:.3f} |")
+                     f"{r['auroc_run']:.3f} [{r['auroc_run_ci'][0]:.3f}, {r['auroc_run_ci'][1]:.3f}] | "
+                     f"{r['auroc_fp32']:.3f} [{r['auroc_fp32_ci'][0]:.3f}, {r['auroc_fp32_ci'][1]:.3f}] |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(os.path.join(args.out, "review_precision.md"), text)
     atomic_write_json(os.path.join(args.out, "review_precision.json"), rows)

@@ -2,8 +2,9 @@
 
 Which policies score the pairs is --sera.review_refit: `current` π_{t-1} (in-sample); `crossfit` fold k by π_{t-1}'s
 twin trained without fold k; `frozen` the iteration-1 policies (fold twins of π_1, else π_1 itself), so the
-review is the same every iteration (scored at iteration 2, read back from its review.jsonl after); `prequential` no scoring pass at all: each pair's implicit rewards in the
-forward of iteration 1 that first trained on it, when the policy had not seen it yet (train_margins.jsonl).
+review is the same every iteration (scored at iteration 2, read back from its review.jsonl after); `prequential`
+no scoring pass at all: each pair's implicit rewards in the forward of iteration 1 that first trained on it, when
+the policy had not seen it yet (train_margins.jsonl).
 Writes review.jsonl (every pair) and kept.jsonl (the kept pairs).
 """
 
@@ -69,7 +70,8 @@ def first_review_scores(ctx: RunContext) -> dict:
     """The pair-rewards table of iteration 2's review, read back from its review.jsonl (in its order)."""
     rows = read_jsonl(ctx.layout.review(2))
     scored = {r["id"] for r in rows}
-    return {"ids": [r["id"] for r in rows], "too_long": [str(r["id"]) for r in ctx.rows if str(r["id"]) not in scored],
+    return {"ids": [r["id"] for r in rows],
+            "too_long": [str(r["id"]) for r in ctx.rows if str(r["id"]) not in scored],
             **{k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in SCORE_COLUMNS}}
 
 
