@@ -585,7 +585,9 @@ def test_review_ceiling_by_hand(tmp_path, capsys):
     beta = 0.1
     cache = {"init_heldout": [[0.0, 0.0], [0.0, 0.0]],
              "heldout_dpo": [[10.0, -20.0], [0.0, 0.0]],  # margins +1, -2 (gold-oriented): acc 1/2, AUROC 0
-             "heldout_fold0": [[10.0, 10.0], [0.0, 0.0]], "heldout_fold1": [[-10.0, -10.0], [0.0, 0.0]],
+             "heldout_cdpo": [[30.0, 0.0], [0.0, 0.0]],  # +3, 0: averaged with dpo +2, -1 (AUROC 1)
+             "heldout_dpo_clean": [[-90.0, -90.0], [0.0, 0.0]],  # gold labels: left out of the average
+             "heldout_fold0": [[10.0, 30.0], [0.0, 0.0]], "heldout_fold1": [[-10.0, -30.0], [0.0, 0.0]],
              # fold 0 = pairs 0 and 2, fold 1 = pairs 1 and 3; margins -1 +1 / +1 -1 against flips T F / F T
              "fold0_policy": [[-10.0, 10.0], [0.0, 0.0]], "fold0_init": [[0.0, 0.0], [0.0, 0.0]],
              "fold1_policy": [[10.0, -10.0], [0.0, 0.0]], "fold1_init": [[0.0, 0.0], [0.0, 0.0]]}
@@ -596,8 +598,13 @@ def test_review_ceiling_by_hand(tmp_path, capsys):
     assert res["fold0"]["acc"] == 1.0 and res["fold0"]["auroc"] == 1.0
     assert res["fold1"]["acc"] == 0.0 and res["fold1"]["auroc"] == 0.0
     assert res["fold twins, measured out of fold"]["auroc"] == 1.0  # every flipped pair has the lower margin
+    bag = res["fold0 and fold1 averaged"]  # +1, +3 and -1, -3 average to 0, 0: ties
+    assert bag["acc"] == 0.5 and bag["auroc"] == 0.5 and bag["twin_correlation"] == pytest.approx(-1.0)
+    mean = res["mean margin of the 2 noisy-label policies above"]
+    assert mean["acc"] == 0.5 and mean["auroc"] == 1.0
     out = capsys.readouterr().out
     assert "| dpo | 0.500 [" in out and (tmp_path / "review_ceiling.md").read_text() in out
+    assert "twins' margins on the held-out pairs: -1.000." in out
     (seed / "heldout_samples.jsonl").write_text(json.dumps({"prompt": "a", "texts": ["x 1", "x 3"]}) + "\n")
     with pytest.raises(SystemExit, match="1 held-out pairs rebuilt, the cache has 2"):
         rc.main(["--out", str(tmp_path), "--seeds", "0", "--twins", "--gold", f"{tmp_path / 'gold.py'}:gold"])

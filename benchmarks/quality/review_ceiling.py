@@ -66,15 +66,25 @@ def seed_rows(seed_dir, twins, gold_fn):
     cache_path = os.path.join(seed_dir, "measure_cache.json")
     cache = json.load(open(cache_path))
     init = cache["init_heldout"]
-    out = {m[len("heldout_"):]: strength(S.irm(v, init)) for m, v in cache.items() if m.startswith("heldout_")
-           and not m.startswith("heldout_fold")}
+    margins = {m[len("heldout_"):]: np.asarray(S.irm(v, init)) for m, v in cache.items()
+               if m.startswith("heldout_") and not m.startswith("heldout_fold")}
+    out = {m: strength(g) for m, g in margins.items()}
+    noisy = [m for m in margins if m != "dpo_clean"]
+    if len(noisy) > 1:  # do independent training runs average out to a stronger reviewer? (bagging)
+        out[f"mean margin of the {len(noisy)} noisy-label policies above"] = strength(
+            np.mean([margins[m] for m in noisy], axis=0))
     if twins:
         held = S.heldout_pairs(R.read_jsonl(os.path.join(seed_dir, "heldout_samples.jsonl")), gold_fn)
         if len(held) != len(init[0]):
             raise SystemExit(f"{seed_dir}: {len(held)} held-out pairs rebuilt, the cache has {len(init[0])}")
+        twin = []
         for k in (0, 1):  # twin k trained on the other fold and scored fold k (smollm2.validity)
             policy = json.load(open(os.path.join(seed_dir, f"fold{k}", "sera_state.json")))["final_policy"]
-            out[f"fold{k}"] = strength(S.irm(S.logps_cache(cache_path, f"heldout_fold{k}", policy, held), init))
+            twin.append(np.asarray(S.irm(S.logps_cache(cache_path, f"heldout_fold{k}", policy, held), init)))
+            out[f"fold{k}"] = strength(twin[k])
+        # a bagged review (both twins score every pair) would need twins that err apart; they share a model
+        out["fold0 and fold1 averaged"] = {**strength((twin[0] + twin[1]) / 2),
+                                           "twin_correlation": float(np.corrcoef(twin[0], twin[1])[0, 1])}
         oof, flipped = RI.oof_irm(seed_dir)
         out["fold twins, measured out of fold"] = V.check_flip_detection(oof.tolist(), flipped.tolist())
     return out
@@ -106,6 +116,10 @@ def main(argv=None):
                      + " / ".join(f"{c['auroc']:.3f} [{c['auroc_ci'][0]:.2f}, {c['auroc_ci'][1]:.2f}]"
                                   for c in cells) + " | "
                      + " / ".join(f"{c['gaussian_auroc']:.3f}" for c in cells) + " |")
+    corr = [r["fold0 and fold1 averaged"]["twin_correlation"] for r in res.values() if "fold0 and fold1 averaged" in r]
+    if corr:
+        lines += ["", "Correlation of the two fold twins' margins on the held-out pairs: "
+                  + " / ".join(f"{c:.3f}" for c in corr) + "."]
     atomic_write_json(os.path.join(args.out, "review_ceiling.json"), {str(s): r for s, r in res.items()})
     atomic_write_text(os.path.join(args.out, "review_ceiling.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
