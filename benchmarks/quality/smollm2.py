@@ -723,6 +723,9 @@ def main(argv):
                          "written to OUT/hh.md; no VADER runs")
     ap.add_argument("--hh-methods", nargs="+", default=list(HH_DEFAULT), choices=HH_METHODS,
                     help="the methods of the HH-RLHF table (DPO always: every difference is taken against it)")
+    ap.add_argument("--hh-train", type=int, default=None, metavar="N",
+                    help="HH-RLHF training pairs per seed (default: the size's, 96); the last 128 pairs of the "
+                         "512-pair file stay held out, so up to 384, and with 384 every seed trains on the same pairs")
     args = ap.parse_args(argv)
     if "dpo" not in args.hh_methods:
         args.hh_methods.insert(0, "dpo")
@@ -732,7 +735,8 @@ def main(argv):
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if not 0.0 <= args.flip_share <= 1.0:
         raise SystemExit(f"--flip-share must be in [0, 1], got {args.flip_share}")
-    cfg = {**SIZES[args.size], "flip_share": args.flip_share, **({"hh_train": 0} if args.no_hh else {})}
+    cfg = {**SIZES[args.size], "flip_share": args.flip_share, **({"hh_train": args.hh_train} if args.hh_train else {}),
+           **({"hh_train": 0} if args.no_hh else {})}
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "assets"), exist_ok=True)
     gold_fn, spurious_fn = M.load_callable(args.gold), M.load_callable(args.spurious)
@@ -746,8 +750,8 @@ def main(argv):
             raise SystemExit(f"--hh-only: --size {args.size} has no HH-RLHF table (use --size default)")
         hh = []
         for seed in args.seeds:
-            hh.append(hh_table(out, {**cfg, "hh_train": SIZES[args.size]["hh_train"]}, model, seed, args.threads,
-                               args.precision, args.hh_methods))
+            hh.append(hh_table(out, {**cfg, "hh_train": args.hh_train or SIZES[args.size]["hh_train"]}, model, seed,
+                               args.threads, args.precision, args.hh_methods))  # (--hh-only wins over --no-hh)
             md = "\n".join(["# " + " ".join(["python benchmarks/quality/run.py"] + list(argv))] + hh_lines(hh))
             R.write_text(os.path.join(out, "hh.md"), md + "\n")
             R.log(f"seed {seed} done\n{md}")
