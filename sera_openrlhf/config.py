@@ -133,7 +133,8 @@ class ReviewConfig:
                               "passes --sera.threshold; soft: keep every pair, trained with a calibrated label "
                               "confidence w from its IRM, w*loss(label) + (1-w)*loss(flipped), the mean of 1-w being "
                               "the estimated flip rate; cDPO with --model.label_smoothing (the prior flip rate) "
-                              "where the review has no signal (sera_openrlhf.calibration)",
+                              "where the review has no signal or its IRMs do not identify a flip rate "
+                              "(sera_openrlhf.calibration)",
                               choices=("top", "threshold", "soft"))
     keep_ratio: float = option(0.7, "Share of ALL offline pairs kept in top mode: k = max(min_keep, "
                                "round-half-up(keep_ratio * N)), capped by the pairs left after "

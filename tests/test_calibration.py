@@ -44,8 +44,36 @@ def test_the_fit_recovers_the_flip_rate_and_its_own_accuracy(eps, mu, sigma):
 ])
 def test_without_signal_every_pair_gets_the_prior_confidence(irm):
     cal = flip_mixture(irm, prior_flip_rate=0.2)
-    assert cal.fallback is not None and "no signal" in cal.fallback
+    assert cal.fallback is not None and "no signal" in cal.fallback and not cal.has_signal
     assert cal.flip_rate == 0.2 and torch.equal(cal.confidence, torch.full((4000,), 0.8, dtype=torch.float64))
+
+
+def test_a_flip_rate_the_irm_shape_cannot_identify_falls_back_to_the_prior():
+    """IRMs with a clear net shift that one Gaussian fits as well as the mixture (here: one Gaussian, and a
+    right-skewed spread like HH-RLHF's out-of-fold review) drive the mixture's eps to 0, which would train like plain
+    DPO; the fit is not used, but its signal and AUROC estimate are kept for the adaptive share."""
+    g = torch.Generator().manual_seed(7)
+    one = torch.randn(384, generator=g, dtype=torch.float64) * 0.3 + 0.1
+    skewed = 0.2 * torch.exp(0.5 * torch.randn(384, generator=g, dtype=torch.float64)) - 0.2  # log-normal, mean ~0.03
+    for irm in (one, skewed):
+        free = flip_mixture(irm, 0.3, min_gain=float("-inf"))
+        assert free.fallback is None and free.flip_rate < 0.05 and free.loglik_gain < 1.35  # the artefact
+        cal = flip_mixture(irm, 0.3)
+        assert cal.fallback.startswith("flip rate not identified") and cal.has_signal
+        assert cal.loglik_gain == pytest.approx(free.loglik_gain)
+        assert cal.est_flip_auroc == pytest.approx(free.est_flip_auroc, abs=1e-6)
+        assert cal.flip_rate == 0.3 and torch.equal(cal.confidence, torch.full((384,), 0.7, dtype=torch.float64))
+    # a mirrored bump: identified
+    cal = flip_mixture(mixture(384, 0.3, 1.0, 1.0, seed=0)[0], 0.3)
+    assert cal.fallback is None and cal.has_signal and cal.loglik_gain > 1.35
+
+
+def test_the_identification_test_rarely_passes_one_gaussian():
+    """min_gain 1.35 (the boundary likelihood-ratio test's 95th percentile): on 60 draws of 384 IRMs from one
+    Gaussian with a clear shift the mixture is used in about 5 % of them."""
+    used = sum(flip_mixture(torch.randn(384, generator=torch.Generator().manual_seed(100 + s), dtype=torch.float64)
+                            + 0.5, 0.3).fallback is None for s in range(60))
+    assert used <= 8, used
 
 
 def test_degenerate_inputs_fall_back_and_bad_priors_are_refused():

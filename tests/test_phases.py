@@ -192,6 +192,14 @@ def test_adaptive_share_grows_while_the_review_estimate_holds_and_shrinks_when_i
         shares.append(train.target_share(ctx, t))
         ctx.state.mark(f"iter{t}/train", {"generated_share_target": shares[-1]}, t, 0.0)
     assert shares == [0.0, 0.25, 0.5, 0.5, 0.25, 0.0, 0.0]
+    # a review with signal whose flip rate the IRMs cannot identify (cDPO weights) still counts by its estimate
+    ctx = context(tmp_path / "unidentified", share_min_auroc=0.7, generated_share_step=0.25, iterations=3,
+                  review_refit="prequential")
+    for t, has_signal in ((2, True), (3, False)):
+        cal = {"est_flip_auroc": 0.8, "fallback": "flip rate not identified: ...", "has_signal": has_signal}
+        ctx.state.mark(f"iter{t}/review", {"calibration": cal}, t, 0.0)
+        ctx.state.mark(f"iter{t}/train", {"generated_share_target": train.target_share(ctx, t)}, t, 0.0)
+    assert [ctx.state.stats(t)["train"]["generated_share_target"] for t in (2, 3)] == [0.25, 0.0]
     fixed = context(tmp_path / "fixed", generated_share_step=0.25, generated_share_max=0.5)
     assert [train.target_share(fixed, t) for t in (1, 2, 3)] == [0.0, 0.25, 0.5]  # off: the fixed schedule
 

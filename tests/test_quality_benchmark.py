@@ -617,11 +617,23 @@ def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
     sm = _load("smollm2")
     rows = [{"id": k} for k in range(50)]
     splits = [sm.hh_split(rows, 10, 12, s) for s in range(5)]
-    assert [s[2] for s in splits] == [0, 10, 20, 0, 10]  # 3 blocks fit before the 12 held-out rows, then wrap
-    for train, held, start in splits:
+    # 3 blocks fit before the 12 held-out rows, then wrap
+    assert [s[2]["train"] for s in splits] == [[[0, 10]], [[10, 20]], [[20, 30]], [[0, 10]], [[10, 20]]]
+    for train, held, used in splits:
+        start = used["train"][0][0]
         assert [r["id"] for r in held] == list(range(38, 50)) and [r["id"] for r in train] == list(range(start, start + 10))
+        assert used["heldout"] == [38, 50]
     with pytest.raises(SystemExit, match="too few for 40 training and 12 held-out"):
         sm.hh_split(rows, 40, 12, 0)
+    # one training block only (30 + 12 of 50 rows): the held-out block rotates from the end, 4 folds, then wraps
+    folds = [sm.hh_split(rows, 30, 12, s) for s in range(5)]
+    assert [f[2]["heldout"] for f in folds] == [[38, 50], [26, 38], [14, 26], [2, 14], [38, 50]]
+    assert folds[1][2]["train"] == [[0, 26], [38, 42]] and folds[3][2]["train"] == [[0, 2], [14, 42]]
+    for train, held, used in folds:
+        ids = [r["id"] for r in train]
+        assert len(ids) == 30 and not set(ids) & {r["id"] for r in held}
+        assert [r["id"] for r in held] == list(range(*used["heldout"]))
+        assert ids == [i for a, b in used["train"] for i in range(a, b)]
 
     def seed(s, dpo, ss):
         return {"seed": s, "n_train": 10, "train_rows": [10 * s, 10 * s + 10], "n_heldout": 4,
@@ -636,6 +648,18 @@ def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
     assert "| 0.500, 0.250 | 0.600, 0.600 | – | – |" in dpo and not any("cDPO" in x for x in lines)  # not run: no row
     # per seed +0.25 and +0.75; pooled: per-pair means (1, 1, 1, 0.5) - (1, 0.5, 0, 0) = +0.5
     assert "| 0.750, 1.000 | 0.600, – | +0.250 [" in ss and "| +0.500 [" in ss and "| 1: 0.500, 2: 0.600 |" in ss
+    # seeds with their own held-out blocks pool their pairs side by side: the mean difference is the same as when
+    # averaging per pair (equal blocks), but the Wilson interval counts 8 pairs, not 4
+    rotated = [{**seed(0, [1, 1, 0, 0], [1, 1, 1, 0]), "heldout_rows": [46, 50]},
+               {**seed(1, [1, 1, 1, 1], [0, 0, 0, 0]), "train_rows": [[0, 10]], "heldout_rows": [42, 46]}]
+    lines = sm.hh_lines(rotated)
+    ss = next(x for x in lines if x.startswith(f"| {sm.METHODS['sera_ss'][0]} |"))
+    assert "seeds 0 (pairs 0-9; held out 46-49), 1 (pairs 0-9; held out 42-45)" in "\n".join(lines)
+    assert "the seed's own 4 held-out pairs (8 in all)" in "\n".join(lines)
+    # 3/8 - 6/8 = -0.375
+    lo, hi = sm.wilson(0.375, 8)
+    assert f"| 0.375 [{lo:.3f}, {hi:.3f}] | 0.750, 0.000 |" in ss and "| -0.375 [" in ss
+    assert sm.wilson(0.375, 8) != sm.wilson(0.375, 4)
 
 
 def test_review_precision_compare_by_hand():

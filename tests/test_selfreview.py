@@ -292,7 +292,7 @@ def test_soft_review_without_signal_trains_exactly_like_cdpo(tiny_model, tmp_pat
     state = json.loads((soft / "sera_state.json").read_text())
     assert state["iterations"]["2"]["review"]["signal"]["action"] == "prior"
     assert state["iterations"]["2"]["review"]["calibration"]["flip_rate"] == 0.2
-    assert "iteration 2: no signal (the out-of-fold agreement test failed)" in (soft / "report" / "report.md").read_text()
+    assert "iteration 2: cDPO weights (the out-of-fold agreement test failed)" in (soft / "report" / "report.md").read_text()
     diff, scale = safetensors_max_diff(str(soft / "iter_2" / "policy"), str(cdpo / "iter_2" / "policy"))
     moved, _ = safetensors_max_diff(str(soft / "iter_2" / "policy"), tiny_model)
     assert diff <= 1e-5 * scale and moved > 1e-3, (diff, moved, scale)

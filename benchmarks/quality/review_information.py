@@ -52,7 +52,7 @@ def weights_information(irm, flipped, prior=0.3, keep=0.7) -> dict:
     top = torch.zeros(n, dtype=torch.float64)
     top[torch.argsort(-irm)[: round(keep * n)]] = 1.0
     gated = flip_mixture(irm, prior)
-    fitted = flip_mixture(irm, prior, min_shift=0.0)
+    fitted = flip_mixture(irm, prior, min_shift=0.0, min_gain=float("-inf"))
     a = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([a], max_iter=200)
     z = irm / irm.std()

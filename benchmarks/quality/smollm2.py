@@ -369,15 +369,30 @@ HH_DEFAULT = HH_METHODS[:3]  # the out-of-fold arm only on request (--hh-methods
 
 
 def hh_split(rows, n_train, n_eval, seed):
-    """(train rows, held-out rows, index of the first train row): every seed is judged on the last `n_eval`
-    rows; seed s trains on the s-th block of `n_train` rows before them (seed 0: the first rows), wrapping round
-    when the blocks run out, so seeds differ in their training pairs and never see a held-out one."""
+    """(train rows, held-out rows, {"train": [[first, end), ...], "heldout": [first, end)} as row indices).
+    Every seed is judged on the last `n_eval` rows and seed s trains on the s-th block of `n_train` rows before
+    them (seed 0: the first rows), wrapping round when the blocks run out, so seeds differ in their training pairs
+    and never see a held-out one. When only one training block fits (e.g. 384 + 128 of 512 rows), seeds rotate
+    the held-out block instead, cross-validation style: seed s holds out the s-th block of `n_eval` rows counted
+    from the end (seed 0: the last rows, as above) and trains on the first `n_train` of the other rows."""
     n_blocks = (len(rows) - n_eval) // n_train
     if n_blocks < 1:
         raise SystemExit(f"quality: the HH-RLHF file has {len(rows)} pairs, too few for {n_train} training and "
                          f"{n_eval} held-out pairs")
-    start = (seed % n_blocks) * n_train
-    return rows[start: start + n_train], rows[len(rows) - n_eval:], start
+    if n_blocks > 1:
+        start = (seed % n_blocks) * n_train
+        return (rows[start: start + n_train], rows[len(rows) - n_eval:],
+                {"train": [[start, start + n_train]], "heldout": [len(rows) - n_eval, len(rows)]})
+    end = len(rows) - (seed % (len(rows) // n_eval)) * n_eval
+    rest = list(range(end - n_eval)) + list(range(end, len(rows)))
+    train = rest[:n_train]
+    ranges = [[train[0], train[0] + 1]]
+    for i in train[1:]:  # the training rows as contiguous ranges
+        if i == ranges[-1][1]:
+            ranges[-1][1] += 1
+        else:
+            ranges.append([i, i + 1])
+    return [rows[i] for i in train], rows[end - n_eval: end], {"train": ranges, "heldout": [end - n_eval, end]}
 
 
 def hh_correct(model, policy, held, cache, key):
@@ -417,7 +432,7 @@ def hh_table(out, cfg, model, seed, threads, precision, methods=HH_DEFAULT):
     hh_dir = os.path.join(out, f"hh_seed_{seed}")
     os.makedirs(hh_dir, exist_ok=True)
     rows = R.read_jsonl(default_dataset_path(chat=True))
-    train, held, start = hh_split(rows, cfg["hh_train"], cfg["hh_eval"], seed)
+    train, held, used = hh_split(rows, cfg["hh_train"], cfg["hh_eval"], seed)
     assert not {r["id"] for r in train} & {r["id"] for r in held}
     paths = {}
     for name, part in (("train", train), ("heldout", held)):
@@ -425,7 +440,7 @@ def hh_table(out, cfg, model, seed, threads, precision, methods=HH_DEFAULT):
         if not os.path.exists(paths[name]):
             R.write_jsonl(paths[name], part)
     hh_cfg = {**cfg, "max_len": 192, "micro_batch_size": 4}
-    result = {"seed": seed, "n_train": len(train), "train_rows": [start, start + len(train)],
+    result = {"seed": seed, "n_train": len(train), "train_rows": used["train"], "heldout_rows": used["heldout"],
               "n_heldout": len(held), "methods": {}}
     cache = os.path.join(hh_dir, "measure_cache.json")
     for name in methods:
@@ -451,14 +466,23 @@ def hh_table(out, cfg, model, seed, threads, precision, methods=HH_DEFAULT):
 
 def hh_lines(hh):
     """The HH-RLHF table of results.md. Per method: the share of held-out pairs ordered right, scored pair by pair in
-    fp32 (mean over seeds; Wilson interval over the held-out pairs, not pairs x seeds: the seeds judge the same
-    pairs), the product's own --eval.dataset accuracy per seed (in the run's precision: bf16 rounding flips pairs
-    whose margin is near 0), and the difference from DPO, paired per seed and pooled (each held-out pair's
-    correctness averaged over seeds, bootstrapped over pairs)."""
-    seeds = ", ".join(f"{s['seed']} (pairs {s['train_rows'][0]}-{s['train_rows'][1] - 1})" for s in hh)
+    fp32 (mean over seeds), the product's own --eval.dataset accuracy per seed (in the run's precision: bf16
+    rounding flips pairs whose margin is near 0), and the difference from DPO, paired per seed and pooled,
+    bootstrapped over held-out pairs. Seeds judged on the same pairs pool each pair's correctness averaged over
+    seeds (Wilson interval over the pairs, not pairs x seeds); seeds with their own held-out blocks (see hh_split)
+    pool all their pairs side by side."""
+    def rows(r):  # [first, end) or a list of them (hh.json files before held-out blocks rotated: one range)
+        return ", ".join(f"{a}-{b - 1}" for a, b in (r if isinstance(r[0], list) else [r]))
+
+    held = {tuple(s.get("heldout_rows", ())) for s in hh}
+    same_held = len(held) == 1
+    seeds = ", ".join(f"{s['seed']} (pairs {rows(s['train_rows'])}"
+                      + ("" if same_held else f"; held out {rows(s['heldout_rows'])}") + ")" for s in hh)
+    judged = (f"share of the last {hh[0]['n_heldout']} pairs" if same_held else
+              f"share of the seed's own {hh[0]['n_heldout']} held-out pairs ({len(hh) * hh[0]['n_heldout']} in all)")
     lines = ["", "## Real human labels: held-out HH-RLHF harmless-base pairs", "",
              f"SmolLM2 trained on {hh[0]['n_train']} pairs of the embedded HH-RLHF harmless-base file (chat format; "
-             f"seeds {seeds}) with equal training pairs per method; share of the last {hh[0]['n_heldout']} pairs "
+             f"seeds {seeds}) with equal training pairs per method; {judged} "
              "(never trained on) whose human-preferred response gets the higher implicit reward (chance 0.5), "
              "scored pair by pair in fp32 with paired 95 % bootstrap differences from DPO over held-out pairs; "
              "beside it the product's own --eval.dataset accuracy after the last iteration, in the run's precision.",
@@ -471,14 +495,15 @@ def hh_lines(hh):
             lines.append(f"| {METHODS[name][0]} | – | – | – | – | – | – |")
             continue
         accs = [sum(c) / len(c) for c in correct]
-        lo, hi = wilson(V.mean(accs), max(len(c) for c in correct))
+        lo, hi = wilson(V.mean(accs), max(len(c) for c in correct) * (1 if same_held else len(correct)))
         both = [(r["correct"], s["methods"]["dpo"]["correct"]) for r, s in zip(runs, hh)
                 if "correct" in r and "correct" in s["methods"].get("dpo", {})]
         per_seed = pooled = "–"
         if name != "dpo" and both:
             per_seed = ", ".join(fmt_ci(d["diff"], d["lo"], d["hi"], signed=True)
                                  for d in (M.paired_difference(a, b) for a, b in both))
-            avg = lambda cols: [sum(c) / len(c) for c in zip(*cols)]  # noqa: E731
+            avg = ((lambda cols: [sum(c) / len(c) for c in zip(*cols)]) if same_held else  # noqa: E731
+                   (lambda cols: [x for c in cols for x in c]))
             d = M.paired_difference(avg([a for a, _ in both]), avg([b for _, b in both]))
             pooled = fmt_ci(d["diff"], d["lo"], d["hi"], signed=True)
         product = ", ".join("–" if r.get("heldout_accuracy") is None else f"{r['heldout_accuracy']:.3f}" for r in runs)
@@ -725,7 +750,8 @@ def main(argv):
                     help="the methods of the HH-RLHF table (DPO always: every difference is taken against it)")
     ap.add_argument("--hh-train", type=int, default=None, metavar="N",
                     help="HH-RLHF training pairs per seed (default: the size's, 96); the last 128 pairs of the "
-                         "512-pair file stay held out, so up to 384, and with 384 every seed trains on the same pairs")
+                         "512-pair file stay held out, so up to 384; above 192 only one training block fits, and "
+                         "seed s holds out the s-th block of 128 from the end instead (4 folds)")
     args = ap.parse_args(argv)
     if "dpo" not in args.hh_methods:
         args.hh_methods.insert(0, "dpo")
@@ -735,8 +761,10 @@ def main(argv):
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if not 0.0 <= args.flip_share <= 1.0:
         raise SystemExit(f"--flip-share must be in [0, 1], got {args.flip_share}")
-    cfg = {**SIZES[args.size], "flip_share": args.flip_share, **({"hh_train": args.hh_train} if args.hh_train else {}),
-           **({"hh_train": 0} if args.no_hh else {})}
+    if args.hh_train is not None and args.hh_train < 1:
+        raise SystemExit(f"--hh-train must be at least 1, got {args.hh_train}")
+    hh_train = args.hh_train or SIZES[args.size]["hh_train"]
+    cfg = {**SIZES[args.size], "flip_share": args.flip_share, "hh_train": 0 if args.no_hh else hh_train}
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "assets"), exist_ok=True)
     gold_fn, spurious_fn = M.load_callable(args.gold), M.load_callable(args.spurious)
@@ -750,8 +778,8 @@ def main(argv):
             raise SystemExit(f"--hh-only: --size {args.size} has no HH-RLHF table (use --size default)")
         hh = []
         for seed in args.seeds:
-            hh.append(hh_table(out, {**cfg, "hh_train": args.hh_train or SIZES[args.size]["hh_train"]}, model, seed,
-                               args.threads, args.precision, args.hh_methods))  # (--hh-only wins over --no-hh)
+            hh.append(hh_table(out, {**cfg, "hh_train": hh_train}, model, seed, args.threads, args.precision,
+                               args.hh_methods))  # (--hh-only wins over --no-hh)
             md = "\n".join(["# " + " ".join(["python benchmarks/quality/run.py"] + list(argv))] + hh_lines(hh))
             R.write_text(os.path.join(out, "hh.md"), md + "\n")
             R.log(f"seed {seed} done\n{md}")

@@ -29,7 +29,10 @@ def target_share(ctx: RunContext, t: int) -> float:
         return generated_share(loop, t)
     before = ctx.state.stats(t - 1).get("train", {}).get("generated_share_target", 0.0) if t > 2 else 0.0
     cal = ctx.state.stats(t).get("review", {}).get("calibration") or {}
-    judged = not cal.get("fallback") and (cal.get("est_flip_auroc") or 0.0) >= loop.share_min_auroc
+    # a flip rate the IRMs cannot identify (calibration.py) leaves the AUROC estimate standing (state files
+    # written before `has_signal` existed: no fallback meant a signal)
+    signal = cal.get("has_signal", not cal.get("fallback"))
+    judged = signal and (cal.get("est_flip_auroc") or 0.0) >= loop.share_min_auroc
     step = loop.generated_share_step if judged else -loop.generated_share_step
     return min(loop.generated_share_max, max(0.0, before + step))
 

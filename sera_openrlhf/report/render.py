@@ -160,7 +160,7 @@ def _calibration(iterations: list[IterationSummary]) -> list[str]:
     if not cal:
         return []
     parts = [f"iteration {t}" + ("" if c.get("out_of_fold", True) else " (in sample)") + ": " +
-             (f"no signal ({c['fallback']})" if c.get("fallback") else
+             (f"cDPO weights ({c['fallback']})" if c.get("fallback") else
               f"estimated flip rate {_fmt(num(c.get('flip_rate')), 'pct')}, estimated flip-detection AUROC "
               f"{_fmt(num(c.get('est_flip_auroc')))}") +
              (f", correlation with the previous review {_fmt(num(c['previous_review_correlation']))}"
