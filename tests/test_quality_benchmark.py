@@ -676,3 +676,13 @@ def test_review_precision_compare_by_hand():
     # the flipped pair has the lowest margin both ways: AUROC 1; a flipped pair ranked second lowest: 2/3
     assert r["auroc_run"] == r["auroc_fp32"] == 1.0
     assert rp.compare(run, fp32, [False, True, False, False])["auroc_run"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("flags,match", [(["--hh-train", "0"], "--hh-train must be at least 1, got 0"),
+                                         (["--hh-train", "-5"], "--hh-train must be at least 1, got -5"),
+                                         (["--flip-share", "1.5"], r"--flip-share must be in \[0, 1\], got 1.5")])
+def test_bad_benchmark_flags_are_refused_before_any_work(tmp_path, flags, match):
+    sm = _load("smollm2")
+    with pytest.raises(SystemExit, match=match):
+        sm.main(["--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
