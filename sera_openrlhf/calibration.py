@@ -17,8 +17,8 @@ symmetric no-signal IRMs, simulated: 0.101 at N = 378), or when the caller's out
 gets w = 1 − ε₀ (the prior flip rate, `--model.label_smoothing`): exactly cDPO.
 
 A signal is not yet a flip rate. ε is read off the IRMs' shape (the flipped share is a mirrored bump), and a weak
-review's mixture is almost one Gaussian: simulated with 30 % flips at AUROC 0.7 and N = 384, ε̂ ranged 0.07-0.41
-(10th-90th percentile), and right-skewed IRMs drive ε̂ to 0 (HH-RLHF, out of fold: ε̂ 1 %, labels that human raters
+review's mixture is almost one Gaussian: simulated with 30 % flips at AUROC 0.7 and N = 384, ε̂ ranged 0.05-0.42
+(10th-90th percentile; benchmarks/quality/calibration_identification.py), and right-skewed IRMs drive ε̂ to 0 (HH-RLHF, out of fold: ε̂ 1 %, labels that human raters
 agree on about 70 % of the time). So the fit is used only where the mixture fits the IRMs clearly better than one
 Gaussian (log-likelihood gain ≥ `min_gain`); otherwise the fallback again.
 
