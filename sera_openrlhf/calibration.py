@@ -18,9 +18,10 @@ gets w = 1 − ε₀ (the prior flip rate, `--model.label_smoothing`): exactly c
 
 A signal is not yet a flip rate. ε is read off the IRMs' shape (the flipped share is a mirrored bump), and a weak
 review's mixture is almost one Gaussian: simulated with 30 % flips at AUROC 0.7 and N = 384, ε̂ ranged 0.05-0.42
-(10th-90th percentile; benchmarks/quality/calibration_identification.py), and right-skewed IRMs drive ε̂ to 0 (HH-RLHF, out of fold: ε̂ 1 %, labels that human raters
-agree on about 70 % of the time). So the fit is used only where the mixture fits the IRMs clearly better than one
-Gaussian (log-likelihood gain ≥ `min_gain`); otherwise the fallback again.
+(10th-90th percentile; benchmarks/quality/calibration_identification.py), and right-skewed IRMs drive ε̂ to 0
+(HH-RLHF, out of fold: ε̂ 1 %, for labels that human raters agree on about 70 % of the time). So the fit is used
+only where the mixture fits the IRMs clearly better than one Gaussian (log-likelihood gain ≥ `min_gain`);
+otherwise the fallback again.
 
 Plain torch only.
 """
@@ -35,6 +36,7 @@ import torch
 # One Gaussian is the mixture with ε = 0 on its boundary, so twice the gain is asymptotically ½χ²₀ + ½χ²₁ under it:
 # 95th percentile 2.71, a gain of 1.35. Simulated on 300 draws of 384 Gaussian IRMs: gain ≥ 1.35 in 6.0 %.
 MIN_GAIN = 1.35
+
 
 @dataclass
 class Calibration:
