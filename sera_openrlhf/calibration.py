@@ -76,8 +76,8 @@ def flip_mixture(irm, prior_flip_rate: float, min_shift: float | None = None, mi
     if not 0.0 <= prior_flip_rate < 0.5:
         raise ValueError(f"prior flip rate must be in [0, 0.5), got {prior_flip_rate}")
 
-    def fallback(reason: str, mu=None, sigma=None, iterations=0, gain=None) -> Calibration:
-        return prior_only(n, prior_flip_rate, reason, mu, sigma, iterations, gain, has_signal=gain is not None)
+    def fallback(reason: str, mu=None, sigma=None, iterations=0, gain=None, has_signal=False) -> Calibration:
+        return prior_only(n, prior_flip_rate, reason, mu, sigma, iterations, gain, has_signal)
 
     if n < 2 or float(m.std()) == 0.0:
         return fallback("fewer than 2 distinct margins")
@@ -109,7 +109,8 @@ def flip_mixture(irm, prior_flip_rate: float, min_shift: float | None = None, mi
     gain = _loglik(m, eps, mu, sigma) - _loglik(m, 0.0, float(m.mean()), float(m.std(correction=0)))
     if gain < min_gain:
         return fallback(f"flip rate not identified: the flipped/right mixture (eps {eps:.3f}) fits the IRMs no better "
-                        f"than one Gaussian (log-likelihood gain {gain:.2f} < {min_gain:.2f})", mu, sigma, it, gain)
+                        f"than one Gaussian (log-likelihood gain {gain:.2f} < {min_gain:.2f})", mu, sigma, it, gain,
+                        has_signal=True)
     confidence = torch.sigmoid(2 * mu * m / sigma**2 + math.log((1 - eps) / eps))
     return Calibration(confidence, float((1 - confidence).mean()), mu, sigma, _auroc(mu, sigma), None, it, gain, True)
 

@@ -636,7 +636,8 @@ def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
         assert ids == [i for a, b in used["train"] for i in range(a, b)]
 
     def seed(s, dpo, ss):
-        return {"seed": s, "n_train": 10, "train_rows": [10 * s, 10 * s + 10], "n_heldout": 4,
+        return {"seed": s, "n_train": 10, "train_rows": [[10 * s, 10 * s + 10]], "heldout_rows": [46, 50],
+                "n_heldout": 4,
                 "methods": {"dpo": {"heldout_accuracy": 0.6, "n_evaluated": 4, "correct": dpo,
                                     "per_iteration": {"1": 0.6}},
                             "sera_ss": {"heldout_accuracy": 0.6 if s == 0 else None, "n_evaluated": 4, "correct": ss,

@@ -384,15 +384,11 @@ def hh_split(rows, n_train, n_eval, seed):
         return (rows[start: start + n_train], rows[len(rows) - n_eval:],
                 {"train": [[start, start + n_train]], "heldout": [len(rows) - n_eval, len(rows)]})
     end = len(rows) - (seed % (len(rows) // n_eval)) * n_eval
-    rest = list(range(end - n_eval)) + list(range(end, len(rows)))
-    train = rest[:n_train]
-    ranges = [[train[0], train[0] + 1]]
-    for i in train[1:]:  # the training rows as contiguous ranges
-        if i == ranges[-1][1]:
-            ranges[-1][1] += 1
-        else:
-            ranges.append([i, i + 1])
-    return [rows[i] for i in train], rows[end - n_eval: end], {"train": ranges, "heldout": [end - n_eval, end]}
+    before = end - n_eval  # rows ahead of the held-out block; the rest of the training rows follow it
+    ranges = (([[0, min(before, n_train)]] if before else []) +
+              ([[end, end + n_train - before]] if n_train > before else []))
+    return ([rows[i] for a, b in ranges for i in range(a, b)], rows[before:end],
+            {"train": ranges, "heldout": [before, end]})
 
 
 def hh_correct(model, policy, held, cache, key):
@@ -471,13 +467,13 @@ def hh_lines(hh):
     bootstrapped over held-out pairs. Seeds judged on the same pairs pool each pair's correctness averaged over
     seeds (Wilson interval over the pairs, not pairs x seeds); seeds with their own held-out blocks (see hh_split)
     pool all their pairs side by side."""
-    def rows(r):  # [first, end) or a list of them (hh.json files before held-out blocks rotated: one range)
-        return ", ".join(f"{a}-{b - 1}" for a, b in (r if isinstance(r[0], list) else [r]))
+    def rows(ranges):  # [[first, end), ...]
+        return ", ".join(f"{a}-{b - 1}" for a, b in ranges)
 
-    held = {tuple(s.get("heldout_rows", ())) for s in hh}
+    held = {tuple(s["heldout_rows"]) for s in hh}
     same_held = len(held) == 1
     seeds = ", ".join(f"{s['seed']} (pairs {rows(s['train_rows'])}"
-                      + ("" if same_held else f"; held out {rows(s['heldout_rows'])}") + ")" for s in hh)
+                      + ("" if same_held else f"; held out {rows([s['heldout_rows']])}") + ")" for s in hh)
     judged = (f"share of the last {hh[0]['n_heldout']} pairs" if same_held else
               f"share of the seed's own {hh[0]['n_heldout']} held-out pairs ({len(hh) * hh[0]['n_heldout']} in all)")
     lines = ["", "## Real human labels: held-out HH-RLHF harmless-base pairs", "",
