@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -259,7 +260,6 @@ def test_smollm2_testbed_smoke_run_through_the_product(tiny_model, tmp_path):
     """`run.py --testbed smollm2 --size smoke` end to end (a tiny model stands in for SmolLM2 via --model): the
     validity block is computed and decides the exit code, every method trains on the same number of pairs, and
     a second invocation resumes from the cache without training again."""
-    import json
     import subprocess
 
     out, gold = _smoke_testbed(tmp_path)
@@ -307,8 +307,6 @@ def test_smollm2_flip_share_makes_a_no_signal_set_and_guards_the_cache(tmp_path)
     """--flip-share 0.5 with --spurious metrics:no_spurious (the shuffled-label arm): exactly half the labels are
     flipped, nothing else overrides gold, so the labels carry no signal; the set records its share, and a cached
     set is refused under another share instead of being reused silently."""
-    import json
-
     sm = _load("smollm2")
     seed_dir = tmp_path / "seed_0"
     seed_dir.mkdir()
@@ -351,8 +349,6 @@ def test_smollm2_every_method_is_a_valid_product_command(tmp_path):
 def test_review_information_on_hand_made_fold_scores(tmp_path, capsys):
     """review_information.py: uniform weights carry (sum s)^2 / N; a review that ranks every flip last makes the
     hard cut and the gold-calibrated weights beat uniform."""
-    import json
-
     n, flips = 40, set(range(0, 40, 4))  # 10 of 40 flipped
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "flipped": i in flips}) + "\n"
                                                   for i in range(n)))
@@ -384,7 +380,6 @@ def test_review_signal_ablation_through_the_product(tiny_model, tmp_path):
     """review_signal.py end to end on the smoke size (a tiny model stands in for SmolLM2): one product run with a
     cross-fitted review gives all five review variants, each per token too; the out-of-fold ones are the
     product's own review.jsonl margins, the in-sample ones differ from them; a rerun reuses the run."""
-    import json
     import subprocess
 
     out, gold = _smoke_testbed(tmp_path)
@@ -439,8 +434,6 @@ def test_training_margins_review_variants_by_hand(tmp_path, capsys):
     """training_margins.py: the first forward of each pair is the prequential review (a copy `<id>#2` counts for
     its pair), later epochs and their mean are the in-sample / AUM variants, the fold runs each cover their half;
     a run that misses a pair is an error naming it."""
-    import json
-
     tm = _load("training_margins")
     assert tm.local_rank([0.0, 1.0, 2.0, 3.0], window=2) == [0.0, 1.0, 1.0, 1.0]
     assert tm.local_rank([3.0, 2.0, 1.0], window=3) == [1.0, 0.5, 0.0]
@@ -484,7 +477,6 @@ def test_training_margins_review_variants_by_hand(tmp_path, capsys):
 def test_pooled_seeds_by_hand(tmp_path, capsys):
     """pooled_seeds.py: per-seed paired differences from the cached evaluations, pooled as their mean with the
     per-seed intervals combined (seed 0's reported numbers left out with --no-seed0)."""
-    import json
     import math
 
     M = _load("metrics")
@@ -516,8 +508,6 @@ def test_judge_accuracy_by_hand(tmp_path, capsys, tiny_model):
     """judge_accuracy.py: each ensemble member's implicit reward (logp pi<k> - ref<k>), the members weighted as the
     run's pair phase weighted them, and the trained pairs, each scored against gold on the run's samples; --rescore
     scores them with another run's final policy (here the initial model itself: every reward 0, all ties)."""
-    import json
-
     ja = _load("judge_accuracy")
     (tmp_path / "gold.py").write_text("def gold(prompt, text):\n    return float(text.split()[-1])\n")
     run = tmp_path / "seed_0" / "sera"
@@ -554,7 +544,6 @@ def test_review_ceiling_by_hand(tmp_path, capsys):
     """review_ceiling.py: the expected flip AUROC of held-out gold margins g is P(g_i + g_j > 0) over i != j, which
     is the mean AUROC over random flips of their labels; --twins sets the fold twins' held-out strength beside
     their measured out-of-fold AUROC."""
-    import json
     import random
 
     rc = _load("review_ceiling")
@@ -661,6 +650,34 @@ def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
     lo, hi = sm.wilson(0.375, 8)
     assert f"| 0.375 [{lo:.3f}, {hi:.3f}] | 0.750, 0.000 |" in ss and "| -0.375 [" in ss
     assert sm.wilson(0.375, 8) != sm.wilson(0.375, 4)
+
+
+def test_hh_table_adds_its_methods_to_those_earlier_invocations_ran(tmp_path, monkeypatch):
+    """A second invocation with other --hh-methods (e.g. another arm on some folds only) keeps the first one's
+    results for the table instead of replacing them, reruns what it is asked for, and refuses an --out that holds
+    another split for the seed."""
+    sm = _load("smollm2")
+    ran = []
+
+    def run_method(name, cmd, run_dir, seed, env=None):
+        ran.append(name)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "sera_state.json"), "w") as f:
+            json.dump({"final_policy": run_dir, "iterations": {"1": {"train": {"eval": {"acc_mean": len(ran) / 10}}}}}, f)
+        return run_dir, 1.0, 0
+
+    monkeypatch.setattr(sm.R, "run_method", run_method)
+    monkeypatch.setattr(sm, "hh_correct", lambda model, policy, held, cache, key: [len(ran) % 2] * len(held))
+    cfg = {**sm.SIZES["default"], "hh_train": 384}
+    sm.hh_table(str(tmp_path), cfg, "model", 1, 1, "fp32", ["dpo", "sera_ss_oof"])
+    res = sm.hh_table(str(tmp_path), cfg, "model", 1, 1, "fp32", ["dpo", "cdpo"])
+    assert ran == ["hh_dpo", "hh_sera_ss_oof", "hh_dpo", "hh_cdpo"]
+    assert list(res["methods"]) == ["sera_ss_oof", "dpo", "cdpo"]
+    assert res["methods"]["sera_ss_oof"]["heldout_accuracy"] == 0.2 and res["methods"]["dpo"]["heldout_accuracy"] == 0.3
+    assert json.loads((tmp_path / "hh_seed_1" / "hh.json").read_text()) == res
+    assert any(x.startswith(f"| {sm.METHODS['sera_ss_oof'][0]} |") for x in sm.hh_lines([res]))
+    with pytest.raises(SystemExit, match=r"hh_seed_1/train.jsonl holds another HH-RLHF split than --hh-train 96"):
+        sm.hh_table(str(tmp_path), {**cfg, "hh_train": 96}, "model", 1, 1, "fp32", ["dpo"])
 
 
 def test_review_precision_compare_by_hand():

@@ -420,7 +420,7 @@ def hh_table(out, cfg, model, seed, threads, precision, methods=HH_DEFAULT):
     different block per seed, see hh_split) by DPO, SeRA-SS and cDPO with equal training pairs; each final policy's
     implicit reward is scored on the last `hh_eval` pairs of the file (never trained on) through the product's
     --eval.dataset (the share of held-out human preferences it orders correctly), and pair by pair for paired
-    differences against DPO. Written to OUT/hh_seed_<s>/hh.json."""
+    differences against DPO. Written to OUT/hh_seed_<s>/hh.json, keeping the methods earlier invocations ran."""
     from sera_openrlhf.assets import default_dataset_path
 
     if not cfg["hh_train"]:
@@ -435,9 +435,15 @@ def hh_table(out, cfg, model, seed, threads, precision, methods=HH_DEFAULT):
         paths[name] = os.path.join(hh_dir, f"{name}.jsonl")
         if not os.path.exists(paths[name]):
             R.write_jsonl(paths[name], part)
+        elif [r["id"] for r in R.read_jsonl(paths[name])] != [r["id"] for r in part]:
+            raise SystemExit(f"quality: {paths[name]} holds another HH-RLHF split than --hh-train "
+                             f"{cfg['hh_train']} gives seed {seed}; use another --out")
     hh_cfg = {**cfg, "max_len": 192, "micro_batch_size": 4}
     result = {"seed": seed, "n_train": len(train), "train_rows": used["train"], "heldout_rows": used["heldout"],
               "n_heldout": len(held), "methods": {}}
+    earlier = os.path.join(hh_dir, "hh.json")
+    if os.path.exists(earlier):  # an invocation adds its methods to those earlier ones ran, so the table has all
+        result["methods"] = {k: v for k, v in json.load(open(earlier))["methods"].items() if k not in methods}
     cache = os.path.join(hh_dir, "measure_cache.json")
     for name in methods:
         run_dir = os.path.join(hh_dir, name)
