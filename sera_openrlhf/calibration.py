@@ -1,7 +1,8 @@
 """Soft self-review: a calibrated probability that each offline pair's label is right, from its IRM alone.
 
 Hard top-k selection only beats training on every pair when the review signal is strong; with a weak one it
-throws away more clean pairs than flipped ones (docs/concepts.md, "How strong must the review signal be").
+throws away more clean pairs than flipped ones (docs/concepts.md, "How strong must the signal be for a hard cut
+to help?").
 `--sera.select_mode soft` keeps every pair and turns its IRM into a label confidence w = P(label right | IRM);
 training then uses w·ℓ(h) + (1 − w)·ℓ(−h) (`losses.soft_label_losses`), the per-pair form of cDPO.
 
