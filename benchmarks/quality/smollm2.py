@@ -364,8 +364,8 @@ def seed_run(out, seed, cfg, methods, gold_fn, spurious_fn, threads, precision, 
 
 # ------------------------------------------------------------------------------------------- real human labels
 
-HH_METHODS = ("dpo", "sera_ss", "cdpo", "sera_ss_oof")  # table order: the target's comparison (SeRA-SS vs DPO) first
-HH_DEFAULT = HH_METHODS[:3]  # the out-of-fold arm only on request (--hh-methods): it trains twice as much
+HH_METHODS = ("dpo", "sera_ss", "cdpo", "sera_ss_oof", "sera_soft_oof")  # table order: the target's comparison first
+HH_DEFAULT = HH_METHODS[:3]  # the out-of-fold arms only on request (--hh-methods): they train twice as much
 
 
 def hh_split(rows, n_train, n_eval, seed):
