@@ -650,6 +650,11 @@ def test_hh_table_splits_by_seed_and_compares_pair_by_pair():
     lo, hi = sm.wilson(0.375, 8)
     assert f"| 0.375 [{lo:.3f}, {hi:.3f}] | 0.750, 0.000 |" in ss and "| -0.375 [" in ss
     assert sm.wilson(0.375, 8) != sm.wilson(0.375, 4)
+    # an arm run on some seeds only: "–" in its per-seed columns, its pooled difference over the seeds it ran
+    partial = [seed(0, [1, 1, 0, 0], [1, 1, 1, 0]), seed(1, [1, 0, 0, 0], [1, 1, 1, 1])]
+    del partial[0]["methods"]["sera_ss"]
+    ss = next(x for x in sm.hh_lines(partial) if x.startswith(f"| {sm.METHODS['sera_ss'][0]} |"))
+    assert "| –, 1.000 | –, – | –, +0.750 [" in ss and "| 1: 0.500, 2: 0.600 |" in ss
 
 
 def test_hh_table_adds_its_methods_to_those_earlier_invocations_ran(tmp_path, monkeypatch):

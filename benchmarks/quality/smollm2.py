@@ -476,6 +476,10 @@ def hh_lines(hh):
     def rows(ranges):  # [[first, end), ...]
         return ", ".join(f"{a}-{b - 1}" for a, b in ranges)
 
+    def vs_dpo(a, b):  # paired 0/1 correctness lists
+        d = M.paired_difference(a, b)
+        return fmt_ci(d["diff"], d["lo"], d["hi"], signed=True)
+
     held = {tuple(s["heldout_rows"]) for s in hh}
     same_held = len(held) == 1
     seeds = ", ".join(f"{s['seed']} (pairs {rows(s['train_rows'])}"
@@ -489,7 +493,7 @@ def hh_lines(hh):
              "scored pair by pair in fp32 with paired 95 % bootstrap differences from DPO over held-out pairs; "
              "beside it the product's own --eval.dataset accuracy after the last iteration, in the run's precision.",
              "", "| method | held-out accuracy [95 % Wilson] | per seed | --eval.dataset per seed | vs DPO, per seed | "
-             "vs DPO, pooled | --eval.dataset per iteration (first seed) |", "|---|---|---|---|---|---|---|"]
+             "vs DPO, pooled | --eval.dataset per iteration (first seed that ran it) |", "|---|---|---|---|---|---|---|"]
     for name in [m for m in HH_METHODS if any(m in s["methods"] for s in hh)]:
         runs = [s["methods"].get(name, {}) for s in hh]
         correct = [r["correct"] for r in runs if "correct" in r]
@@ -498,21 +502,21 @@ def hh_lines(hh):
             continue
         accs = [sum(c) / len(c) for c in correct]
         lo, hi = wilson(V.mean(accs), max(len(c) for c in correct) * (1 if same_held else len(correct)))
-        both = [(r["correct"], s["methods"]["dpo"]["correct"]) for r, s in zip(runs, hh)
-                if "correct" in r and "correct" in s["methods"].get("dpo", {})]
+        # per seed, "–" where the seed lacks the method (an arm run on some folds only), so the columns align
+        paired = [(r["correct"], s["methods"]["dpo"]["correct"])
+                  if "correct" in r and "correct" in s["methods"].get("dpo", {}) else None for r, s in zip(runs, hh)]
+        both = [p for p in paired if p]
         per_seed = pooled = "–"
         if name != "dpo" and both:
-            per_seed = ", ".join(fmt_ci(d["diff"], d["lo"], d["hi"], signed=True)
-                                 for d in (M.paired_difference(a, b) for a, b in both))
+            per_seed = ", ".join(vs_dpo(*p) if p else "–" for p in paired)
             avg = ((lambda cols: [sum(c) / len(c) for c in zip(*cols)]) if same_held else  # noqa: E731
                    (lambda cols: [x for c in cols for x in c]))
-            d = M.paired_difference(avg([a for a, _ in both]), avg([b for _, b in both]))
-            pooled = fmt_ci(d["diff"], d["lo"], d["hi"], signed=True)
+            pooled = vs_dpo(avg([a for a, _ in both]), avg([b for _, b in both]))
+        each = ", ".join("–" if "correct" not in r else f"{sum(r['correct']) / len(r['correct']):.3f}" for r in runs)
         product = ", ".join("–" if r.get("heldout_accuracy") is None else f"{r['heldout_accuracy']:.3f}" for r in runs)
-        per = runs[0].get("per_iteration", {})
-        lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | " + ", ".join(f"{a:.3f}" for a in accs)
-                     + f" | {product} | {per_seed} | {pooled} | "
-                     + ", ".join(f"{t}: {a:.3f}" for t, a in sorted(per.items()) if a is not None) + " |")
+        per = next((r["per_iteration"] for r in runs if "per_iteration" in r), {})
+        lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | {each} | {product} | {per_seed} | "
+                     f"{pooled} | " + ", ".join(f"{t}: {a:.3f}" for t, a in sorted(per.items()) if a is not None) + " |")
     return lines
 
 
