@@ -500,7 +500,8 @@ def hh_lines(hh):
         if not correct:
             lines.append(f"| {METHODS[name][0]} | – | – | – | – | – | – |")
             continue
-        accs = [sum(c) / len(c) for c in correct]
+        acc = [sum(r["correct"]) / len(r["correct"]) if "correct" in r else None for r in runs]  # per seed
+        accs = [a for a in acc if a is not None]
         lo, hi = wilson(V.mean(accs), max(len(c) for c in correct) * (1 if same_held else len(correct)))
         # per seed, "–" where the seed lacks the method (an arm run on some folds only), so the columns align
         paired = [(r["correct"], s["methods"]["dpo"]["correct"])
@@ -512,7 +513,7 @@ def hh_lines(hh):
             avg = ((lambda cols: [sum(c) / len(c) for c in zip(*cols)]) if same_held else  # noqa: E731
                    (lambda cols: [x for c in cols for x in c]))
             pooled = vs_dpo(avg([a for a, _ in both]), avg([b for _, b in both]))
-        each = ", ".join("–" if "correct" not in r else f"{sum(r['correct']) / len(r['correct']):.3f}" for r in runs)
+        each = ", ".join("–" if a is None else f"{a:.3f}" for a in acc)
         product = ", ".join("–" if r.get("heldout_accuracy") is None else f"{r['heldout_accuracy']:.3f}" for r in runs)
         per = next((r["per_iteration"] for r in runs if "per_iteration" in r), {})
         lines.append(f"| {METHODS[name][0]} | {fmt_ci(V.mean(accs), lo, hi)} | {each} | {product} | {per_seed} | "
